@@ -1,0 +1,173 @@
+"""The ``myecho`` command: argument parsing only, then a model runs.
+
+``myecho serve inetd`` runs once per connection under xinetd or systemd
+``Accept=yes``, so it takes a fast path that imports nothing else: argparse
+alone costs about 12 ms of Python start-up, which is most of the budget of
+the first exchange. Everything else goes through argparse.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    import argparse
+
+MODEL_HELP = {
+    "inetd": "one connection on stdin/stdout, then exit (xinetd, systemd Accept=yes, a pipe)",
+    "fork": "a parent that accepts, one child process per connection",
+    "select": "one process, one event loop (selectors: epoll), non-blocking sockets",
+    "zmq": "ZeroMQ echo for REQ and DEALER clients (a ROUTER socket)",
+}
+
+
+def _error(message: str) -> NoReturn:
+    """One line, no usage dump, no traceback: what an admin wants in a log."""
+    print(f"myecho: {message} (see --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
+    from myecho import __version__
+    from myecho.settings import DEFAULT_PORTS
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            _error(message)
+
+    parser = Parser(
+        prog="myecho",
+        description="An echo service (RFC 862) in every daemon model of the talk 'Démons en PHP, de inetd à ZeroMQ'.",
+    )
+    parser.add_argument("--version", action="version", version=f"myecho {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run one daemon model in the foreground until SIGTERM/SIGINT",
+        description="Run one daemon model in the foreground until SIGTERM or SIGINT "
+        "(graceful stop, exit 0). SIGHUP re-reads --config and reopens the log.",
+    )
+    models = serve.add_subparsers(dest="model", required=True, metavar="MODEL", parser_class=Parser)
+
+    common = Parser(add_help=False)
+    common.add_argument(
+        "--config",
+        type=_path,
+        metavar="FILE",
+        help="settings file (MYECHO_NAME=value lines, as /etc/default/myecho); re-read on SIGHUP",
+    )
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="default: info")
+    common.add_argument(
+        "--log-file", type=_path, metavar="FILE", help="log to FILE (reopened on SIGHUP) instead of journald or stderr"
+    )
+    common.add_argument(
+        "--graceful-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="on SIGTERM, how long open connections may go on (default: 5)",
+    )
+    common.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach (fork, setsid, fork) for life without systemd; never under systemd",
+    )
+    common.add_argument("--pidfile", type=_path, metavar="FILE", help="with --daemon: write the daemon's pid here")
+
+    tcp = Parser(add_help=False)
+    tcp.add_argument("--host", help="address to listen on (default: 127.0.0.1, this machine only)")
+    tcp.add_argument("--port", type=int, help="TCP port (default: the model's port, see the README)")
+    tcp.add_argument("--backlog", type=int, help="listen backlog (default: 4096; the kernel caps it at somaxconn)")
+
+    models.add_parser("inetd", help=MODEL_HELP["inetd"], description=MODEL_HELP["inetd"] + ".")
+    fork = models.add_parser(
+        "fork",
+        parents=[tcp, common],
+        help=MODEL_HELP["fork"],
+        description=MODEL_HELP["fork"] + f"; port {DEFAULT_PORTS['fork']}.",
+    )
+    fork.add_argument(
+        "--max-children", type=int, metavar="N", help="stop accepting while N children run (default: 1000)"
+    )
+    select = models.add_parser(
+        "select",
+        parents=[tcp, common],
+        help=MODEL_HELP["select"],
+        description=MODEL_HELP["select"] + f"; port {DEFAULT_PORTS['select']}.",
+    )
+    select.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="stop accepting at N open connections (default: 19000, and the fd limit)",
+    )
+    select.add_argument(
+        "--buffer-limit",
+        type=int,
+        metavar="BYTES",
+        help="bytes held for a client that does not read before its reads pause (default: 65536)",
+    )
+    zmq = models.add_parser(
+        "zmq",
+        parents=[tcp, common],
+        help=MODEL_HELP["zmq"],
+        description=MODEL_HELP["zmq"] + f"; port {DEFAULT_PORTS['zmq']}.",
+    )
+    zmq.add_argument(
+        "--listen",
+        action="append",
+        metavar="URL",
+        help="a ZeroMQ endpoint to bind instead of tcp://HOST:PORT (tcp://, ipc://; repeatable)",
+    )
+
+    client = commands.add_parser(
+        "client",
+        help="a telnet-like client: stdin lines out, echoes to stdout",
+        description="Send stdin to an echo server and print what comes back.",
+    )
+    client.add_argument("--zmq", action="store_true", help="talk ZeroMQ REQ (one request per line)")
+    client.add_argument(
+        "address", metavar="ADDRESS", help="HOST:PORT for TCP; a ZeroMQ URL (tcp://HOST:PORT, ipc://PATH) with --zmq"
+    )
+    client.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up when the server says nothing for this long (default: 10)",
+    )
+    return parser
+
+
+def _path(value: str) -> object:
+    from pathlib import Path
+
+    return Path(value).absolute()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["serve", "inetd"]:
+        from myecho.models.inetd import main as inetd_main
+
+        return inetd_main()
+    options = build_parser().parse_args(args)
+    if options.command == "client":
+        from myecho.client import run_client
+
+        return run_client(options.address, zmq=options.zmq, timeout=options.timeout)
+    if options.model == "inetd":
+        from myecho.models.inetd import main as inetd_main
+
+        return inetd_main()
+    from myecho.service import run_service
+
+    return run_service(vars(options))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

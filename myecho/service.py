@@ -1,0 +1,69 @@
+"""Put a model to work: settings, sockets, logging, then ``serve``.
+
+The order matters: sockets are bound before ``--daemon`` detaches, so a
+port already in use is reported to the shell that asked (one line, exit 1),
+not to a log nobody reads.
+"""
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+from myecho.daemon import PidfileError, daemonize
+from myecho.models import MODELS
+from myecho.runtime import Runtime
+from myecho.settings import DEFAULT_PORTS, Settings, SettingsError
+from myecho.sockets import ListenError, from_systemd, listening_sockets
+from myecho.systemd import Notifier, setup_logging
+
+
+def make_settings(options: dict[str, Any]) -> Settings:
+    """Defaults, then the config file, then what the command line says."""
+    model = options["model"]
+    given = {name: value for name, value in options.items() if value is not None and hasattr(Settings, name)}
+    given.pop("model", None)
+    if not given.get("listen"):
+        given.pop("listen", None)
+    settings = Settings(model=model, port=DEFAULT_PORTS.get(model, 0), explicit=frozenset(given))
+    if options.get("config") is not None:
+        settings.apply_file(options["config"])
+    for name, value in given.items():
+        setattr(settings, name, value)
+    settings.check()
+    return settings
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"myecho: {message}", file=sys.stderr)
+    return code
+
+
+def run_service(options: dict[str, Any]) -> int:
+    try:
+        settings = make_settings(options)
+    except SettingsError as error:
+        return _fail(str(error), 2)
+    model = importlib.import_module(f"myecho.models.{MODELS[settings.model]}")
+    try:
+        if settings.model == "zmq" and settings.listen:
+            listeners = from_systemd()  # other endpoints are bound by libzmq itself
+        else:
+            listeners = listening_sockets(settings.host, settings.port, settings.backlog)
+    except ListenError as error:
+        return _fail(str(error), 1)
+    if options.get("daemon"):
+        pidfile: Path | None = options.get("pidfile")
+        try:
+            daemonize(pidfile)
+        except PidfileError as error:
+            return _fail(str(error), 1)
+    log = setup_logging(settings.model, settings.log_level, settings.log_file)
+    runtime = Runtime(settings, listeners, Notifier(), log)
+    try:
+        model.serve(runtime)
+    except KeyboardInterrupt:  # a second ^C while stopping: stop now
+        return 130
+    finally:
+        runtime.finish()
+    return 0

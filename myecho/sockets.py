@@ -1,0 +1,93 @@
+"""One way to get listening sockets: from systemd, or bound here.
+
+Under socket activation systemd already holds the sockets and passes them
+as fds 3, 4, ... (sd_listen_fds(3)); a restart then loses no connection
+attempt, since they wait in the kernel's backlog, and the service needs no
+network privileges at all. Started by hand, the daemon binds them itself,
+with a backlog large enough for the talk's 1,000 simultaneous connections
+(PHP's default of 32 and libzmq's 100 are what made the talk's figures
+climb to a minute: SYN retransmissions, not code).
+"""
+
+import os
+import resource
+import socket
+
+
+class ListenError(OSError):
+    """A listening socket could not be had; the message is for the admin."""
+
+
+def from_systemd() -> list[socket.socket]:
+    """The sockets systemd passed us ($LISTEN_FDS), or [] when started by hand."""
+    if "LISTEN_FDS" not in os.environ:
+        return []
+    try:
+        from systemd import daemon
+    except ImportError as error:
+        raise ListenError("LISTEN_FDS is set but python3-systemd is not installed") from error
+    fds: list[int] = daemon.listen_fds(unset_environment=True)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    sockets = []
+    for fd in fds:
+        sock = socket.socket(fileno=fd)
+        sock.set_inheritable(False)
+        sockets.append(sock)
+    return sockets
+
+
+def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
+    """A TCP listening socket on host:port (IPv4 or IPv6)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ListenError(f"cannot resolve {host!r}: {error.strerror}") from error
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as error:
+        sock.close()
+        raise ListenError(f"cannot listen on {format_address(host, port)}: {error.strerror}") from error
+    return sock
+
+
+def listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
+    """systemd's sockets if it passed any, else one bound to host:port."""
+    return from_systemd() or [bind_tcp(host, port, backlog)]
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe(sock: socket.socket) -> str:
+    """Where a listening socket listens, for logs and status lines."""
+    try:
+        address = sock.getsockname()
+    except OSError:
+        return f"fd {sock.fileno()}"
+    if isinstance(address, tuple):
+        return format_address(address[0], address[1])
+    return str(address)
+
+
+def zmq_endpoint(sock: socket.socket) -> str:
+    """The tcp:// URL libzmq must be given along with ZMQ_USE_FD for ``sock``."""
+    return "tcp://" + describe(sock)
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft open-files limit to the hard one: each connection is an fd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
