@@ -26,14 +26,21 @@ def _running(pid: int) -> bool:
     return True
 
 
-def write_pidfile(path: Path) -> None:
-    """Write our pid, refusing if a live process already owns the file."""
+def check_pidfile(path: Path) -> None:
+    """Refuse to start when a live process already owns the pidfile."""
     try:
         old = int(path.read_text().strip())
     except (FileNotFoundError, ValueError):
-        old = 0
-    if old and old != os.getpid() and _running(old):
+        return
+    except OSError as error:
+        raise PidfileError(f"cannot read pidfile {path}: {error.strerror}") from error
+    if old != os.getpid() and _running(old):
         raise PidfileError(f"pidfile {path} names running process {old}")
+
+
+def write_pidfile(path: Path) -> None:
+    """Write our pid; remove the file when this process exits."""
+    check_pidfile(path)
     try:
         path.write_text(f"{os.getpid()}\n")
     except OSError as error:
@@ -48,7 +55,13 @@ def write_pidfile(path: Path) -> None:
 
 
 def daemonize(pidfile: Path | None) -> None:
-    """Detach from the terminal; returns only in the daemon (grandchild)."""
+    """Detach from the terminal; returns only in the daemon (grandchild).
+
+    The pidfile is checked before the first fork, so a second instance is
+    refused in the shell that started it, with a reason and exit status 1.
+    """
+    if pidfile is not None:
+        check_pidfile(pidfile)
     if os.fork():
         os._exit(0)
     os.setsid()

@@ -76,6 +76,12 @@ class Runtime:
         self.log.info("%s: stopping, %s", reason, self.stats.summary())
         self.notifier.stopping(f"stopping: {self.stats.summary()}")
 
+    def close_listeners(self) -> None:
+        """Refuse new connections at once (systemd keeps its own copy, if any)."""
+        for sock in self.listeners:
+            sock.close()
+        self.listeners = []
+
     def grace_expired(self) -> bool:
         return self.stopping and time.monotonic() >= self.stop_deadline
 

@@ -5,6 +5,7 @@ port already in use is reported to the shell that asked (one line, exit 1),
 not to a log nobody reads.
 """
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ from myecho.systemd import Notifier, setup_logging
 def make_settings(options: dict[str, Any]) -> Settings:
     """Defaults, then the config file, then what the command line says."""
     model = options["model"]
-    given = {name: value for name, value in options.items() if value is not None and hasattr(Settings, name)}
+    known = {f.name for f in dataclasses.fields(Settings)}
+    given = {name: value for name, value in options.items() if value is not None and name in known}
     given.pop("model", None)
     if not given.get("listen"):
         given.pop("listen", None)

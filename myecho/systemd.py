@@ -55,8 +55,13 @@ class Notifier:
         return self._send is not None
 
     def _say(self, message: str) -> None:
-        if self._send is not None:
+        """Best effort: a full fd table (EMFILE) must not take the service down."""
+        if self._send is None:
+            return
+        try:
             self._send(message)
+        except OSError as error:
+            logging.getLogger("myecho").warning("sd_notify failed: %s", error.strerror)
 
     def ready(self, status: str) -> None:
         self._say(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")

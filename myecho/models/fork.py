@@ -98,6 +98,9 @@ class ForkServer:
         _die_with_parent()
         self.rt.signals.close()
         self.rt.notifier.disable()
+        # A terminal's ^C reaches the whole process group: the child waits for
+        # the parent's SIGTERM at the end of the grace period instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if os.getppid() == 1:
             return 0  # the parent died between fork and prctl
@@ -170,6 +173,7 @@ class ForkServer:
             self.reap()
             if rt.stopping:
                 self.set_accepting(False)
+                rt.close_listeners()
                 if rt.grace_expired() and not self.terminated:
                     self.terminate_children()
             else:

@@ -152,7 +152,8 @@ class SelectServer:
     def serve(self) -> None:
         rt = self.rt
         limit = raise_fd_limit()
-        rt.settings.max_connections = min(rt.settings.max_connections, max(1, limit - 16))
+        if "max_connections" not in rt.settings.explicit:  # stay clear of EMFILE by default
+            rt.settings.max_connections = min(rt.settings.max_connections, max(1, limit - 16))
         for sock in rt.listeners:
             sock.setblocking(False)
         self.selector.register(rt.signals, READ, "signals")
@@ -177,6 +178,7 @@ class SelectServer:
                         self.on_writable(conn)
             if rt.stopping:
                 self.set_accepting(False)
+                rt.close_listeners()
                 if rt.grace_expired():
                     rt.log.info("grace period over: closing %d connections", len(self.connections))
                     for conn in list(self.connections.values()):

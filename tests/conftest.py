@@ -1,0 +1,36 @@
+"""Fixtures: start the real servers on free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from support import Server, command, free_port
+
+#: The byte-stream models, and the C reference held to the same contract.
+STREAM_MODELS = ("fork", "select", "c")
+
+ServeFactory = Callable[..., Server]
+
+
+def server_argv(model: str, port: int, *extra: str) -> list[str]:
+    if model == "c":
+        return [command("myecho-c"), *extra, str(port)]
+    return [command("myecho"), "serve", model, "--port", str(port), *extra]
+
+
+@pytest.fixture
+def serve() -> Iterator[ServeFactory]:
+    """serve(model, *args, env=None) -> a ready Server; killed at teardown."""
+    started: list[Server] = []
+
+    def start(model: str, *extra: str, env: dict[str, str] | None = None, port: int | None = None,
+              ready: bool = True) -> Server:
+        port = port or free_port()
+        server = Server(server_argv(model, port, *extra), port, env=env, notify=model != "c")
+        started.append(server)
+        return server.wait_ready() if ready else server
+
+    yield start
+    for server in started:
+        server.kill()

@@ -1,0 +1,244 @@
+"""Test support: real server processes, real loopback clients.
+
+Servers run as the installed commands (``myecho``, ``myecho-c``) in child
+processes; readiness is read from a NOTIFY_SOCKET that the test binds, the
+way systemd would, so every start also checks sd_notify.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def command(name: str) -> str:
+    """An installed console script of this environment, or a clear failure."""
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise AssertionError(f"{name} is not installed: run the tests through tox (see README)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class NotifySocket:
+    """A fake systemd: collects the sd_notify datagrams a service sends."""
+
+    def __init__(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="myecho-notify-")
+        self.path = os.path.join(self.dir, "notify")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[dict[str, str]] = []
+
+    def receive(self, timeout: float) -> dict[str, str] | None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append(message)
+        return message
+
+    def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0) -> dict[str, str]:
+        for message in self.messages:
+            if key in message and (value is None or message[key] == value):
+                return message
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = self.receive(left)
+            if message is not None and key in message and (value is None or message[key] == value):
+                return message
+        raise AssertionError(f"no {key}={value or '*'} from the service in {timeout} s; got {self.messages}")
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Server:
+    """A running server process on a loopback port."""
+
+    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None,
+                 notify: bool = True, **popen: object) -> None:
+        self.port = port
+        self.host = "::1" if "::1" in argv else "127.0.0.1"
+        self.notify = NotifySocket() if notify else None
+        full_env = dict(os.environ, **(env or {}))
+        if self.notify is not None:
+            full_env["NOTIFY_SOCKET"] = self.notify.path
+        self.proc = subprocess.Popen(argv, env=full_env, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
+        self.stderr_lines: list[str] = []
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line.decode(errors="replace").rstrip("\n"))
+
+    @property
+    def stderr(self) -> str:
+        return "\n".join(self.stderr_lines)
+
+    def wait_ready(self, timeout: float = 10.0) -> Server:
+        if self.notify is not None:
+            self.notify.wait_for("READY", "1", timeout)
+        else:
+            wait_listening(self.port, timeout, self.proc, self.host)
+        return self
+
+    def connect(self, timeout: float = 10.0) -> socket.socket:
+        return socket.create_connection((self.host, self.port), timeout=timeout)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"server did not stop within {timeout} s after SIGTERM") from None
+        self._reader.join(2)
+        if self.notify is not None:
+            self.notify.close()
+        return code
+
+    def kill(self) -> None:
+        """Teardown after a failed test: the server and any child it left."""
+        if self.proc.poll() is None:
+            for child in children_of(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+        if self.notify is not None:
+            self.notify.close()
+
+
+def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None,
+                   host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode} before listening")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def random_bytes(size: int, seed: int = 862) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def odd_chunks(data: bytes, seed: int = 11) -> Iterator[bytes]:
+    """Cut data into chunks of awkward sizes (1 byte to ~100 KiB)."""
+    rng = random.Random(seed)
+    offset = 0
+    while offset < len(data):
+        size = rng.choice((1, 2, 3, 7, 511, 512, 513, 4095, 65537, 99991))
+        yield data[offset:offset + size]
+        offset += size
+
+
+def exchange(sock: socket.socket, payload: bytes, chunks: Iterator[bytes] | None = None,
+             half_close: bool = True) -> bytes:
+    """Send payload (in chunks) while reading concurrently; return what came back.
+
+    Sending and reading at once matters: an echo of 10 MiB cannot fit in
+    the socket buffers, so a client that only reads after sending deadlocks.
+    """
+    received = bytearray()
+
+    def reader() -> None:
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                return
+            received.extend(data)
+            if not half_close and len(received) >= len(payload):
+                return
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    for chunk in chunks if chunks is not None else [payload]:
+        sock.sendall(chunk)
+    if half_close:
+        sock.shutdown(socket.SHUT_WR)
+    thread.join(60)
+    assert not thread.is_alive(), f"echo stalled after {len(received)} of {len(payload)} bytes"
+    return bytes(received)
+
+
+def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    """Send a small payload and read exactly as many bytes back."""
+    sock.sendall(payload)
+    received = b""
+    while len(received) < len(payload):
+        data = sock.recv(len(payload) - len(received))
+        if not data:
+            break
+        received += data
+    return received
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children, from /proc (no psutil needed)."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+def zombies_of(pid: int) -> list[int]:
+    result = []
+    for child in children_of(pid):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state == "Z":
+            result.append(child)
+    return result
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of one process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

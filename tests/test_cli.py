@@ -1,0 +1,86 @@
+"""The command line: --help everywhere, one-line errors, settings precedence."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from support import command
+
+from myecho.service import make_settings
+from myecho.settings import Settings, SettingsError
+
+COMMANDS = [
+    ["myecho"], ["myecho", "serve"], ["myecho", "serve", "inetd"], ["myecho", "serve", "fork"],
+    ["myecho", "serve", "select"], ["myecho", "serve", "zmq"], ["myecho", "client"], ["myecho-c"],
+]
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=" ".join)
+def test_every_command_has_help(argv: list[str]) -> None:
+    result = subprocess.run([command(argv[0]), *argv[1:], "--help"], capture_output=True, timeout=10, text=True)
+    assert result.returncode == 0
+    assert "usage" in result.stdout.lower()
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "nosuchmodel"],
+    ["serve", "fork", "--port", "notanumber"],
+    ["serve", "fork", "--port", "70000"],
+    ["serve", "select", "--max-connections", "0"],
+    ["serve", "fork", "--config", "/nonexistent/myecho"],
+    ["serve", "select", "--host", "no.such.host.invalid"],
+    ["client", "no-port-here"],
+    ["frobnicate"],
+], ids=" ".join)
+def test_bad_arguments_are_one_line_errors(argv: list[str]) -> None:
+    result = subprocess.run([command("myecho"), *argv], capture_output=True, timeout=20, text=True)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("myecho"), lines
+    assert "Traceback" not in result.stderr
+
+
+def test_c_reference_bad_port_is_one_line() -> None:
+    result = subprocess.run([command("myecho-c"), "notaport"], capture_output=True, timeout=10, text=True)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_version() -> None:
+    result = subprocess.run([command("myecho"), "--version"], capture_output=True, timeout=10, text=True)
+    assert result.stdout.startswith("myecho ")
+
+
+def test_settings_precedence(tmp_path: Path) -> None:
+    config = tmp_path / "default"
+    config.write_text(
+        'MYECHO_HOST="::1"\nMYECHO_SELECT_PORT=12000\nMYECHO_FORK_PORT=13000\n'
+        "MYECHO_GRACEFUL_TIMEOUT=2.5\nMYECHO_BUFFER_LIMIT=1000\nNOT_OURS=1\n# comment\n\n"
+    )
+    options = {"model": "select", "config": config, "buffer_limit": 4096, "host": None, "port": None}
+    settings = make_settings(options)
+    assert (settings.host, settings.port) == ("::1", 12000)  # the file, and this model's port only
+    assert settings.graceful_timeout == 2.5
+    assert settings.buffer_limit == 4096  # the command line wins
+    assert make_settings({"model": "fork"}).port == 11139  # the contract's default
+
+
+def test_reload_only_touches_reloadable_settings(tmp_path: Path) -> None:
+    config = tmp_path / "default"
+    config.write_text("MYECHO_PORT=1\nMYECHO_MAX_CHILDREN=7\n")
+    settings = Settings(model="fork", port=11139)
+    assert settings.apply_file(config, Settings.RELOADABLE) == ["max_children"]
+    assert settings.port == 11139
+
+
+def test_bad_values_name_the_line(tmp_path: Path) -> None:
+    config = tmp_path / "default"
+    config.write_text("\nMYECHO_BACKLOG=many\n")
+    with pytest.raises(SettingsError, match=r"default:2: bad value for MYECHO_BACKLOG"):
+        Settings().apply_file(config)
+    config.write_text("MYECHO_LOG_LEVEL=loud\n")
+    with pytest.raises(SettingsError, match="log level"):
+        Settings().apply_file(config)

@@ -1,0 +1,145 @@
+"""The inetd model: a pipe, systemd's Accept=yes (systemd-socket-activate
+--inetd), and a real xinetd with a private configuration."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support import command, exchange, free_port, odd_chunks, random_bytes, roundtrip, wait_listening
+
+
+def test_pipe_echoes_every_byte() -> None:
+    payload = random_bytes(3 * 1024 * 1024) + b"\x00tail without newline"
+    result = subprocess.run([command("myecho"), "serve", "inetd"], input=payload, capture_output=True, timeout=30)
+    assert result.returncode == 0
+    assert result.stdout == payload
+    assert result.stderr == b""
+
+
+def test_printf_x_prints_x() -> None:
+    result = subprocess.run(f"printf 'x' | {command('myecho')} serve inetd", shell=True, capture_output=True,
+                            timeout=10)
+    assert result.stdout == b"x"
+
+
+def test_reader_gone_is_not_a_crash() -> None:
+    proc = subprocess.Popen([command("myecho"), "serve", "inetd"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    proc.stdout.close()
+    try:
+        proc.stdin.write(b"nobody reads this\n" * 10000)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass
+    assert proc.wait(10) == 0
+    assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+
+
+def test_help_does_not_take_the_fast_path() -> None:
+    result = subprocess.run([command("myecho"), "serve", "inetd", "--help"], capture_output=True, timeout=10)
+    assert result.returncode == 0 and b"stdin" in result.stdout
+
+
+@pytest.fixture
+def socket_activated_inetd() -> Iterator[int]:
+    """systemd's Accept=yes, as systemd-socket-activate --inetd -a does it."""
+    tool = shutil.which("systemd-socket-activate")
+    assert tool, "systemd-socket-activate is missing: apt-get install systemd"
+    port = free_port()
+    proc = subprocess.Popen([tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", command("myecho"), "serve",
+                             "inetd"], stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, 10, proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_socket_activation_accept_yes(socket_activated_inetd: int) -> None:
+    payload = random_bytes(1024 * 1024)
+    with socket.create_connection(("127.0.0.1", socket_activated_inetd), timeout=30) as sock:
+        assert exchange(sock, payload, odd_chunks(payload)) == payload
+
+
+def test_socket_activation_accept_yes_concurrent(socket_activated_inetd: int) -> None:
+    failures: list[str] = []
+
+    def client(number: int) -> None:
+        payload = b"connection %d\n" % number
+        try:
+            with socket.create_connection(("127.0.0.1", socket_activated_inetd), timeout=30) as sock:
+                if exchange(sock, payload) != payload:
+                    failures.append(str(number))
+        except OSError as error:
+            failures.append(f"{number}: {error}")
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures
+
+
+XINETD_SERVICE = """\
+service myecho
+{{
+    type        = UNLISTED
+    id          = myecho-test
+    socket_type = stream
+    protocol    = tcp
+    wait        = no
+    user        = nobody
+    bind        = 127.0.0.1
+    port        = {port}
+    server      = {server}
+    server_args = serve inetd
+    cps         = 500 1
+    instances   = 100
+}}
+"""
+
+
+@pytest.fixture
+def xinetd_port() -> Iterator[int]:
+    """A real xinetd in the foreground with a private configuration."""
+    xinetd = shutil.which("xinetd") or "/usr/sbin/xinetd"
+    assert os.path.exists(xinetd), "xinetd is missing: apt-get install xinetd"
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="myecho-xinetd-"))
+    config = workdir / "xinetd.conf"
+    config.write_text(XINETD_SERVICE.format(port=port, server=command("myecho")))
+    log = workdir / "xinetd.log"
+    proc = subprocess.Popen([xinetd, "-dontfork", "-f", str(config), "-filelog", str(log),
+                             "-pidfile", str(workdir / "pid")], stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(port, 10, proc)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_xinetd_runs_the_inetd_model(xinetd_port: int) -> None:
+    payload = random_bytes(256 * 1024) + b"\x00\r\n"
+    with socket.create_connection(("127.0.0.1", xinetd_port), timeout=30) as sock:
+        assert exchange(sock, payload, odd_chunks(payload)) == payload
+
+
+def test_xinetd_interactive_lines(xinetd_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", xinetd_port), timeout=30) as sock:
+        assert roundtrip(sock, b"Hello\n") == b"Hello\n"
+        assert roundtrip(sock, b"Test 1\n") == b"Test 1\n"
+        assert roundtrip(sock, b"Test 2\n") == b"Test 2\n"

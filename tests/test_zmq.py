@@ -1,0 +1,225 @@
+"""The zmq model: the talk's REQ/REP exchange and what a real service meets."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import ServeFactory
+from support import Server, command, random_bytes
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+@pytest.fixture
+def context() -> Context:
+    ctx: Context = zmq.Context()
+    yield ctx  # type: ignore[misc]
+    ctx.destroy(linger=0)
+
+
+def req(ctx: Context, url: str) -> zmq.Socket[bytes]:
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(url)
+    return sock
+
+
+def test_the_talks_exchange(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    client = req(context, f"tcp://127.0.0.1:{server.port}")
+    client.send(b"bonjour")
+    assert client.recv() == b"bonjour"
+
+
+def test_binary_and_large_messages(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    client = req(context, f"tcp://127.0.0.1:{server.port}")
+    for payload in (b"", b"\x00\xff\xc3\x28", random_bytes(10 * 1024 * 1024)):
+        client.send(payload)
+        assert client.recv() == payload
+
+
+def test_multipart_frame_for_frame(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    client = req(context, f"tcp://127.0.0.1:{server.port}")
+    frames = [b"one", b"", b"\x00three", b"x" * 100_000]
+    client.send_multipart(frames)
+    assert client.recv_multipart() == frames
+
+
+def test_dealer_client_with_requests_in_flight(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    dealer = context.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.setsockopt(zmq.RCVTIMEO, 10_000)
+    dealer.connect(f"tcp://127.0.0.1:{server.port}")
+    for number in range(100):
+        dealer.send_multipart([b"", b"request %d" % number])
+    replies = [dealer.recv_multipart() for _ in range(100)]
+    assert replies == [[b"", b"request %d" % number] for number in range(100)]
+
+
+def test_thousand_req_clients_at_once(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    context.set(zmq.MAX_SOCKETS, 2000)
+    clients = [req(context, f"tcp://127.0.0.1:{server.port}") for _ in range(1000)]
+    for number, client in enumerate(clients):
+        client.send(b"client %d" % number)
+    for number, client in enumerate(clients):
+        assert client.recv() == b"client %d" % number
+    for client in clients:
+        client.close()
+
+
+def test_garbage_from_a_non_zeromq_peer_is_survived(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    for junk in (b"GET / HTTP/1.0\r\n\r\n", b"\xff" * 64, random_bytes(100_000), b"\x00"):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as raw:
+            try:
+                raw.sendall(junk)
+                raw.shutdown(socket.SHUT_WR)
+                raw.recv(4096)
+            except OSError:
+                pass
+    client = req(context, f"tcp://127.0.0.1:{server.port}")
+    client.send(b"still alive")
+    assert client.recv() == b"still alive"
+    assert server.proc.poll() is None
+
+
+def test_never_reading_dealer_does_not_block_others(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    flooder = context.socket(zmq.DEALER)
+    flooder.setsockopt(zmq.LINGER, 0)
+    flooder.setsockopt(zmq.RCVHWM, 10)
+    flooder.setsockopt(zmq.SNDTIMEO, 0)
+    flooder.connect(f"tcp://127.0.0.1:{server.port}")
+    for _ in range(20_000):
+        try:
+            flooder.send_multipart([b"", b"x" * 1000])
+        except zmq.Again:
+            break
+    client = req(context, f"tcp://127.0.0.1:{server.port}")
+    client.send(b"me too")
+    assert client.recv() == b"me too"
+
+
+def test_ipc_endpoint(tmp_path: Path, context: Context) -> None:
+    url = f"ipc://{tmp_path}/echo.sock"
+    server = Server([command("myecho"), "serve", "zmq", "--listen", url], 0).wait_ready()
+    try:
+        client = req(context, url)
+        client.send(b"over ipc")
+        assert client.recv() == b"over ipc"
+        assert server.stop() == 0
+    finally:
+        server.kill()
+
+
+def test_inproc_endpoint_in_process() -> None:
+    """inproc:// only exists inside one process: run the model in this one."""
+    code = textwrap.dedent("""
+        import threading, zmq
+        from myecho.models.zmq import ZmqServer
+        from myecho.runtime import Runtime
+        from myecho.settings import Settings
+        ctx = zmq.Context.instance()
+        runtime = Runtime(Settings(model="zmq", listen=["inproc://echo"]), [])
+        server = ZmqServer(runtime, ctx)
+        def client():
+            import os, signal, time
+            time.sleep(0.2)
+            req = ctx.socket(zmq.REQ)
+            req.connect("inproc://echo")
+            req.send_multipart([b"in", b"process"])
+            print(req.recv_multipart())
+            req.close()
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=client).start()
+        server.serve()
+        runtime.finish()
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert result.stdout.strip() == b"[b'in', b'process']", result.stderr.decode()
+
+
+def test_the_talks_php_client(serve: ServeFactory) -> None:
+    """The talk's own client, run by Debian's php-cli with php-zmq."""
+    php = shutil.which("php")
+    assert php, "php is missing: apt-get install php-cli php-zmq"
+    server = serve("zmq")
+    script = Path(tempfile.mkdtemp()) / "client.php"
+    script.write_text(textwrap.dedent(f"""\
+        <?php
+        $ctx = new ZMQContext();
+        $client = new ZMQSocket($ctx, ZMQ::SOCKET_REQ);
+        $client->connect('tcp://localhost:{server.port}');
+        $client->send('bonjour');
+        $response = $client->recv();
+        print("Réponse : '$response'\\n");
+        """))
+    result = subprocess.run([php, str(script)], capture_output=True, timeout=30)
+    assert result.stdout.decode() == "Réponse : 'bonjour'\n", result.stderr.decode()
+    shutil.rmtree(script.parent)
+
+
+def test_many_clients_from_threads(serve: ServeFactory, context: Context) -> None:
+    server = serve("zmq")
+    failures: list[str] = []
+
+    def worker(number: int) -> None:
+        client = req(context, f"tcp://127.0.0.1:{server.port}")
+        for turn in range(200):
+            message = b"%d/%d" % (number, turn)
+            client.send(message)
+            if client.recv() != message:
+                failures.append(message.decode())
+        client.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not failures
+
+
+@pytest.mark.heavy
+def test_ten_thousand_req_clients(serve: ServeFactory) -> None:
+    """10,000 connections: two client processes (each REQ socket costs two fds)."""
+    server = serve("zmq", "--log-level", "warning")
+    code = textwrap.dedent(f"""
+        import resource, sys, zmq
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        ctx = zmq.Context()
+        ctx.set(zmq.MAX_SOCKETS, 6000)
+        first = int(sys.argv[1])
+        socks = []
+        for n in range(first, first + 5000):
+            s = ctx.socket(zmq.REQ)
+            s.setsockopt(zmq.LINGER, 0)
+            s.setsockopt(zmq.RCVTIMEO, 60000)
+            s.connect("tcp://127.0.0.1:{server.port}")
+            socks.append(s)
+        for n, s in enumerate(socks, first):
+            s.send(b"%d" % n)
+        bad = sum(s.recv() != b"%d" % n for n, s in enumerate(socks, first))
+        print(bad)
+        ctx.destroy(linger=0)
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(first)], stdout=subprocess.PIPE)
+             for first in (0, 5000)]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert [out.strip() for out in outputs] == [b"0", b"0"]
