@@ -14,7 +14,7 @@ from pathlib import Path
 from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
-PROGRAMS = ("myecho-c", "epoll-echo")
+PROGRAMS = ("myecho-c", "epoll-echo", "myecho-load")
 HARDENING_CFLAGS = "-O2 -g -Wall -Wextra -fstack-protector-strong -fPIE -D_FORTIFY_SOURCE=2"
 HARDENING_LDFLAGS = "-pie -Wl,-z,relro,-z,now"
 

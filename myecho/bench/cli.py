@@ -1,0 +1,248 @@
+"""The ``myecho-bench`` command: parse arguments, run, print, write files."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from myecho import __version__
+from myecho.bench import procs
+from myecho.bench.report import Report
+from myecho.bench.scenarios import ModelResult, Runner, Settings
+from myecho.bench.servers import BY_NAME, INSTALLED_PORTS, MODELS, unavailable
+
+COLUMNS = """\
+columns (every duration is measured by the client, on this machine's loopback):
+ single connection - a fresh connection per trial, --trials trials, one at a time:
+  Connect          socket() + connect() until the TCP handshake is done (for zmq: until
+                   libzmq reports the ZMTP handshake done). On loopback the kernel answers the
+                   SYN, so this is the same for every model unless the backlog is full.
+  Exchange 1       the first message (64 bytes) sent, until its echo is back and checked:
+                   includes accept(), and fork or program start for fork/inetd models.
+  Exchange 2       the second message on the same connection: the steady-state round trip.
+                   Each is the median over the trials, with the 99th percentile beside it.
+ multiple connections - N connections opened at once (non-blocking connects), then:
+  N connections    time until all N are connected (SYNs dropped by a full listen backlog
+                   are retried by the kernel after 1 s, 3 s, ...: that is what makes it slow).
+  N messages       then one message on each of them, until every echo is back and checked.
+                   Median over --repeats runs. "fails (k/N: errors)" when any run lost some.
+  Maximum          the most concurrent connections whose echoes all came back correct, from
+                   a ramp (100, 200, 500, 1000, 2000, 5000, 10000, then every 5000 up to
+                   --ramp-limit) that holds every connection open and echoes on all of them at
+                   each step. "≥ N": the ramp reached its limit. Otherwise it says why it
+                   stopped: refused, reset, timeout (no echo within --timeout), mismatch, fd
+                   limit (the server at its file-descriptor limit), memory guard (the next step
+                   would leave under max(2 GiB, 10 %%) of memory), process guard (a process per
+                   connection would come within 2000 of pid_max), time budget, client limit.
+ beyond the talk:
+  round trips      closed loop: each of 1, 32, 256 clients sends a message, waits for its echo,
+                   sends the next, for --duration seconds after a warm-up; round trips per
+                   second, and the latency of one round trip (p50 / p99).
+  server CPU/echo  user+system CPU of all the server's processes (children included: live
+                   ones from /proc/PID/stat, exited ones through their parent's cutime/cstime)
+                   during the 32-client run, divided by its round trips. The fair figure when
+                   the load generator shares the machine's cores.
+  server CPU/conn  the same during the 1000-connection run, per connection (accept, fork,
+                   program start, first echo).
+  memory           RSS summed over all the server's processes with 1000 connections open
+                   (shared pages counted once per process: overstates fork models), PSS sum
+                   (shared pages divided fairly), and the number of processes.
+  client CPU/echo  the load generator's own CPU per round trip: small means it is not the
+                   bottleneck.
+ --ratios adds ×R: the figure divided by the C reference's (myecho-c) in the same run.
+models: """ + ", ".join(f"{m.name} ({m.description})" for m in MODELS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="myecho-bench",
+        description="Measure myecho's daemon models side by side and print the talk's two benchmark tables "
+        "(single connection; multiple connections), and what an echo costs each model.",
+        epilog=COLUMNS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"myecho-bench {__version__}")
+    parser.add_argument("--models", metavar="LIST", help="comma-separated models to measure (default: all available)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--target",
+        action="append",
+        metavar="MODEL=HOST:PORT",
+        help="measure an already running service instead of starting one (repeatable)",
+    )
+    mode.add_argument(
+        "--installed",
+        action="store_true",
+        help="measure the packaged units on their ports (" + ", ".join(f"{m} {p}" for m, p in INSTALLED_PORTS.items())
+        + ")",
+    )
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer trials, ramp to 1000): ~1-2 min")
+    parser.add_argument("--talk", action="store_true", help="show the talk's Atom N270 figures beside ours")
+    parser.add_argument("--ratios", action="store_true", help="show each figure's ratio to the C reference")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON (benchmarks/results.schema.json)")
+    parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables as Markdown")
+    parser.add_argument("--charts", type=Path, metavar="DIR", help="write one PNG chart per table (needs matplotlib)")
+    parser.add_argument("--scenarios", metavar="LIST", help="only these of: single,multi,throughput,ramp")
+    parser.add_argument("--trials", type=int, metavar="N", help="single-connection trials (default 300; quick 40)")
+    parser.add_argument("--repeats", type=int, metavar="N", help="runs of each multiple/round-trip test (default 3)")
+    parser.add_argument("--duration", type=float, metavar="S", help="seconds of each round-trip run (default 3)")
+    parser.add_argument("--ramp-limit", type=int, metavar="N", help="the ramp's last step (default 20000; quick 1000)")
+    parser.add_argument("--timeout", type=float, metavar="S", help="per connect or echo phase (default 10; quick 5)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--check-loadgen",
+        action="store_true",
+        help="compare myecho-load's round trips/s against myecho-c with an independent client "
+        "(redis-benchmark, from redis-tools) and exit",
+    )
+    return parser
+
+
+class Progress:
+    """One line on stderr per step; rewritten in place on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+        self.prefix = ""
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        line = f"[{time.monotonic() - self.start:6.1f} s] {self.prefix}{message}"
+        if self.tty:
+            sys.stderr.write("\r\033[K" + line[: os.get_terminal_size(2).columns - 1])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def settings_from(options: argparse.Namespace) -> Settings:
+    settings = Settings.quick() if options.quick else Settings()
+    for name in ("trials", "repeats", "duration", "ramp_limit", "timeout"):
+        value = getattr(options, name)
+        if value is not None:
+            if value <= 0:
+                raise SystemExit(f"myecho-bench: --{name.replace('_', '-')} must be positive")
+            setattr(settings, name, value)
+    return settings
+
+
+def parse_targets(options: argparse.Namespace) -> dict[str, tuple[str, int]]:
+    if options.installed:
+        return {name: ("127.0.0.1", port) for name, port in INSTALLED_PORTS.items()}
+    targets = {}
+    for item in options.target or []:
+        name, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        if name not in BY_NAME or not host or not port.isdigit():
+            raise SystemExit(f"myecho-bench: bad --target {item!r}: MODEL=HOST:PORT with MODEL in {', '.join(BY_NAME)}")
+        targets[name] = (host, int(port))
+    return targets
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "memory_bytes": procs.mem_total(),
+        "python": platform.python_version(),
+        "fd_limit": procs.fd_limit(os.getpid()),
+        "pid_max": procs.pid_max(),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    if options.check_loadgen:
+        from myecho.bench.validate import check_loadgen
+
+        return check_loadgen(Progress(not options.no_progress))
+    settings = settings_from(options)
+    targets = parse_targets(options)
+    names = [n.strip() for n in options.models.split(",")] if options.models else None
+    if names:
+        unknown = [n for n in names if n not in BY_NAME]
+        if unknown:
+            raise SystemExit(f"myecho-bench: unknown model(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+    chosen = [m for m in MODELS if (names is None or m.name in names) and (not targets or m.name in targets)]
+    only = {s.strip() for s in options.scenarios.split(",")} if options.scenarios else None
+    progress = Progress(not options.no_progress)
+    load_start = procs.loadavg()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    runner = Runner(settings, progress)
+    results: list[ModelResult] = []
+    for index, model in enumerate(chosen, 1):
+        progress.prefix = f"[{index}/{len(chosen)}] "
+        why = None if model.name in targets else unavailable(model)
+        if why is not None:
+            results.append(ModelResult(model.name, model.label, model.description, model.protocol, model.reference,
+                                       skipped=why))
+            continue
+        results.append(runner.measure(model, targets.get(model.name), only))
+    progress.done()
+    meta = {
+        "tool_version": __version__,
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(time.monotonic() - progress.start, 1),
+        "command": "myecho-bench " + shlex.join(list(argv if argv is not None else sys.argv[1:])),
+        "mode": "installed" if options.installed else "target" if targets else "local",
+        "quick": bool(options.quick),
+        "machine": machine(),
+        "load_average": {"start": list(load_start), "end": list(procs.loadavg())},
+        "settings": {
+            "trials": settings.trials,
+            "repeats": settings.repeats,
+            "connections": list(settings.connections),
+            "clients": list(settings.clients),
+            "duration_s": settings.duration,
+            "warmup_s": settings.warmup,
+            "message_bytes": settings.message_size,
+            "timeout_s": settings.timeout,
+            "ramp_limit": settings.ramp_limit,
+        },
+    }
+    report = Report(results, meta, with_talk=options.talk, with_ratios=options.ratios)
+    sys.stdout.write(report.text())
+    sys.stdout.write(
+        f"\n{meta['machine']['cores']} cores, {meta['machine']['cpu']}; load average "
+        f"{load_start[0]:.2f} at the start, {procs.loadavg()[0]:.2f} at the end; {meta['seconds']} s\n"
+    )
+    if options.json:
+        report.write_json(options.json)
+    if options.markdown:
+        options.markdown.write_text(report.text(markdown=True))
+    if options.charts:
+        try:
+            for path in report.write_charts(options.charts):
+                print(f"chart: {path}", file=sys.stderr)
+        except ImportError:
+            print("myecho-bench: no charts: matplotlib is not installed (pip install 'myecho[bench]')", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

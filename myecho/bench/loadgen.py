@@ -1,0 +1,123 @@
+"""Drive the load generators: the C epoll client for TCP, pyzmq for zmq.
+
+Both speak the same command line and print one JSON object per line
+(see benchmarks/c/myecho-load.c), so a scenario never cares which one runs.
+The load generator runs in processes of its own: its CPU is not ours, and
+the ramp can spread connections over several of them, each with its own
+file-descriptor limit and its own source addresses (127.0.0.x).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import IO, Any
+
+from myecho.reference import program
+
+Json = dict[str, Any]
+
+
+class LoadError(RuntimeError):
+    """The load generator itself failed (not the server under test)."""
+
+
+def command(protocol: str, mode: str, host: str, port: int, **options: object) -> list[str]:
+    """argv of the load generator for ``protocol`` ("tcp" or "zmq")."""
+    if protocol == "zmq":
+        argv = [sys.executable, "-m", "myecho.bench.zmqload", mode]
+    else:
+        argv = [str(program("myecho-load")), mode]
+    for name, value in options.items():
+        if value is not None and value != "":
+            argv += [f"--{name}", str(value)]
+    return [*argv, host, str(port)]
+
+
+def _parse(line: str, argv: list[str], stderr: str = "") -> Json:
+    try:
+        result: Json = json.loads(line)
+    except json.JSONDecodeError:
+        raise LoadError(f"{argv[0]} {argv[1]}: no result ({stderr.strip() or line.strip() or 'no output'})") from None
+    return result
+
+
+def run(protocol: str, mode: str, host: str, port: int, limit: float, **options: object) -> Json:
+    """Run one single/rr measurement to completion; its JSON result."""
+    argv = command(protocol, mode, host, port, **options)
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=limit, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise LoadError(f"{mode} did not finish within {limit:.0f} s") from None
+    lines = done.stdout.strip().splitlines()
+    return _parse(lines[-1] if lines else "", argv, done.stderr)
+
+
+def burst(
+    protocol: str, host: str, port: int, conns: int, limit: float, while_open: Callable[[Json], None], **options: object
+) -> Json:
+    """Open ``conns`` connections at once and echo on each; while they are
+    still open, ``while_open(result)`` may sample the server."""
+    argv = command(protocol, "burst", host, port, conns=conns, **options)
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        result = _parse(proc.stdout.readline(), argv)
+        while_open(result)
+        proc.stdin.write("done\n")
+        proc.stdin.flush()
+        proc.wait(limit)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        proc.stdin.close()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    return result
+
+
+class Holder:
+    """One load-generator process in ``hold`` mode: the ramp's hands."""
+
+    def __init__(self, protocol: str, host: str, port: int, sources: list[str], **options: object) -> None:
+        self.argv = command(protocol, "hold", host, port, src=",".join(sources), **options)
+        self.proc = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        self.live = 0
+
+    @property
+    def _pipes(self) -> tuple[IO[str], IO[str]]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        return self.proc.stdin, self.proc.stdout
+
+    def send(self, line: str) -> None:
+        """Start a command; ``result()`` collects it (so several holders work at once)."""
+        stdin, _ = self._pipes
+        stdin.write(line + "\n")
+        stdin.flush()
+
+    def result(self) -> Json:
+        _, stdout = self._pipes
+        result = _parse(stdout.readline(), self.argv)
+        self.live = int(result.get("live", self.live))
+        return result
+
+    def close(self) -> None:
+        stdin, stdout = self._pipes
+        try:
+            stdin.write("quit\n")
+            stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        stdout.close()
