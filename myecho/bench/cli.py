@@ -81,13 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--installed",
         action="store_true",
-        help="measure the packaged units on their ports (" + ", ".join(f"{m} {p}" for m, p in INSTALLED_PORTS.items())
+        help="measure the packaged units on their ports ("
+        + ", ".join(f"{m} {p}" for m, p in INSTALLED_PORTS.items())
         + ")",
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer trials, ramp to 1000): ~1-2 min")
     parser.add_argument("--talk", action="store_true", help="show the talk's Atom N270 figures beside ours")
     parser.add_argument("--ratios", action="store_true", help="show each figure's ratio to the C reference")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="write the results as JSON (benchmarks/results.schema.json)")
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the results as JSON (benchmarks/results.schema.json)"
+    )
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables as Markdown")
     parser.add_argument("--charts", type=Path, metavar="DIR", help="write one PNG chart per table (needs matplotlib)")
     parser.add_argument("--scenarios", metavar="LIST", help="only these of: single,multi,throughput,ramp")
@@ -192,19 +195,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     only = {s.strip() for s in options.scenarios.split(",")} if options.scenarios else None
     progress = Progress(not options.no_progress)
     load_start = procs.loadavg()
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     runner = Runner(settings, progress)
     results: list[ModelResult] = []
     for index, model in enumerate(chosen, 1):
         progress.prefix = f"[{index}/{len(chosen)}] "
         why = None if model.name in targets else unavailable(model)
         if why is not None:
-            results.append(ModelResult(model.name, model.label, model.description, model.protocol, model.reference,
-                                       skipped=why))
+            results.append(
+                ModelResult(model.name, model.label, model.description, model.protocol, model.reference, skipped=why)
+            )
             continue
         results.append(runner.measure(model, targets.get(model.name), only))
     progress.done()
-    meta = {
+    meta: dict[str, Any] = {
         "tool_version": __version__,
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(time.monotonic() - progress.start, 1),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -53,6 +54,32 @@ def run(protocol: str, mode: str, host: str, port: int, limit: float, **options:
         raise LoadError(f"{mode} did not finish within {limit:.0f} s") from None
     lines = done.stdout.strip().splitlines()
     return _parse(lines[-1] if lines else "", argv, done.stderr)
+
+
+def round_trips(
+    protocol: str, host: str, port: int, limit: float, on_start: Callable[[], None], **options: object
+) -> Json:
+    """A closed-loop ``rr`` run; ``on_start()`` is called when its measured window opens."""
+    argv = command(protocol, "rr", host, port, **options)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    timer = threading.Timer(limit, proc.kill)
+    timer.start()
+    try:
+        for line in proc.stdout:
+            result = _parse(line, argv)
+            if result.get("event") == "start":
+                on_start()
+            else:
+                return result
+        raise LoadError(f"{argv[0]} rr: no result (exit status {proc.wait()})")
+    finally:
+        timer.cancel()
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 def burst(

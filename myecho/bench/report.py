@@ -83,8 +83,9 @@ def render(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool
 class Report:
     """Turns a run's results into tables, JSON and charts."""
 
-    def __init__(self, results: list[ModelResult], meta: dict[str, Any], with_talk: bool = False,
-                 with_ratios: bool = False) -> None:
+    def __init__(
+        self, results: list[ModelResult], meta: dict[str, Any], with_talk: bool = False, with_ratios: bool = False
+    ) -> None:
         self.results = results
         self.meta = meta
         self.with_talk = with_talk
@@ -130,9 +131,8 @@ class Report:
         if multi is None:
             return MISSING
         if not multi.complete:
-            errors = ", ".join(f"{n} {kind}" for kind, n in sorted(multi.errors.items()))
             done = multi.opened if field == "open_s" else multi.echoed
-            return f"fails ({done}/{multi.connections}{': ' + errors if errors else ''})"
+            return f"fails ({done}/{multi.connections})"
         count = multi.connections
 
         def pick(r: ModelResult) -> float | None:
@@ -225,9 +225,18 @@ class Report:
                 lines.append(f"{result.name}: not measured: {result.skipped}")
             for failure in result.failures:
                 lines.append(f"{result.name}: {failure}")
+            for multi in result.multi:
+                if not multi.complete:
+                    errors = ", ".join(f"{n} {kind}" for kind, n in sorted(multi.errors.items()))
+                    lines.append(
+                        f"{result.name}: {multi.connections} connections fail: {multi.opened} opened, "
+                        f"{multi.echoed} echoed (worst of {multi.runs} runs); errors: {errors or 'none'}"
+                    )
             if result.ramp is not None and not result.ramp.completed:
-                lines.append(f"{result.name}: ramp stopped at {result.ramp.maximum}: {result.ramp.stop_reason} "
-                             f"({result.ramp.stop_detail})")
+                lines.append(
+                    f"{result.name}: ramp stopped at {result.ramp.maximum}: {result.ramp.stop_reason} "
+                    f"({result.ramp.stop_detail})"
+                )
         return lines
 
     def text(self, markdown: bool = False) -> str:
@@ -271,8 +280,9 @@ class Report:
         labels = [r.label for r in rows]
         written = []
 
-        def bars(name: str, title: str, series: list[tuple[str, list[float | None]]], ylabel: str,
-                 log: bool = True) -> None:
+        def bars(
+            name: str, title: str, series: list[tuple[str, list[float | None]]], ylabel: str, log: bool = True
+        ) -> None:
             fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(labels)), 4.8))
             width = 0.8 / max(1, len(series))
             for k, (legend, values) in enumerate(series):
@@ -299,9 +309,12 @@ class Report:
                 out.append(summary.median * 1e6 if summary else None)
             return out
 
-        bars("single", "Single connection (median, µs; log scale)",
-             [("connect", single("connect")), ("exchange 1", single("exchange1")),
-              ("exchange 2", single("exchange2"))], "µs")
+        bars(
+            "single",
+            "Single connection (median, µs; log scale)",
+            [("connect", single("connect")), ("exchange 1", single("exchange1")), ("exchange 2", single("exchange2"))],
+            "µs",
+        )
 
         def multi(count: int, field: str) -> list[float | None]:
             out: list[float | None] = []

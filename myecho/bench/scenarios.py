@@ -6,6 +6,7 @@ its figures do not depend on the scenario before. Durations are seconds.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -179,7 +180,9 @@ def ramp_targets(limit: int) -> list[int]:
     return [*steps, limit]
 
 
-def classify_failure(errors: dict[str, int], fd_pressure: tuple[int, int] | None, server_alive: bool) -> tuple[str, str]:
+def classify_failure(
+    errors: dict[str, int], fd_pressure: tuple[int, int] | None, server_alive: bool
+) -> tuple[str, str]:
     """Why a ramp step failed: (reason, detail).
 
     The most frequent error kind names the reason; a server that died says
@@ -214,7 +217,9 @@ class Observation:
     system_processes: int
 
 
-def guard(now: Observation, target: int, reserve: int, pid_max: int, elapsed: float, budget: float) -> tuple[str, str] | None:
+def guard(
+    now: Observation, target: int, reserve: int, pid_max: int, elapsed: float, budget: float
+) -> tuple[str, str] | None:
     """A reason not to take the step to ``target`` connections, or None.
 
     - memory guard: the memory the step would take (the last step's drop in
@@ -248,6 +253,31 @@ def guard(now: Observation, target: int, reserve: int, pid_max: int, elapsed: fl
 
 
 # ---- running the scenarios -----------------------------------------------
+
+
+def _note_cpu(notes: list[float | None], server: Server) -> None:
+    notes.append(server.cpu())
+
+
+class Sample:
+    """The server's CPU and memory around one burst, read while its connections are open."""
+
+    def __init__(self, server: Server, count: int) -> None:
+        self.server = server
+        self.count = count
+        self.cpu_before = server.cpu()
+        self.cpu_per_connection: float | None = None
+        self.memory: MemoryResult | None = None
+
+    def take(self, out: dict[str, Any]) -> None:
+        cpu_after = self.server.cpu()
+        if out["opened"] == self.count and out["echoed"] == self.count and None not in (self.cpu_before, cpu_after):
+            assert self.cpu_before is not None and cpu_after is not None
+            self.cpu_per_connection = (cpu_after - self.cpu_before) / self.count
+        found = self.server.memory()
+        if found is not None:
+            self.memory = MemoryResult(found.processes, found.rss_bytes, found.pss_bytes)
+
 
 Progress = Callable[[str], None]
 
@@ -293,8 +323,13 @@ class Runner:
     def single(self, model: Model, server: Server, result: ModelResult) -> None:
         self.progress(f"{model.name}: single connection, {self.settings.trials} trials")
         out = loadgen.run(
-            model.protocol, "single", server.host, server.port, self.settings.trials * 5 + 60,
-            trials=self.settings.trials, **self.load_options(),
+            model.protocol,
+            "single",
+            server.host,
+            server.port,
+            self.settings.trials * 5 + 60,
+            trials=self.settings.trials,
+            **self.load_options(),
         )
         result.single = SingleResult(
             int(out["trials"]),
@@ -308,31 +343,28 @@ class Runner:
         base = len(server.pids())
         for count in self.settings.connections:
             runs: list[dict[str, Any]] = []
-            cpu_per_conn: list[float] = []
-            memory: MemoryResult | None = None
+            samples: list[Sample] = []
             for run in range(self.settings.repeats):
                 self.progress(f"{model.name}: {count} connections at once, run {run + 1}/{self.settings.repeats}")
                 server.settle(base)
-                cpu_before = server.cpu()
-
-                def sample(out: dict[str, Any], cpu_before: float | None = cpu_before) -> None:
-                    nonlocal memory
-                    cpu_after = server.cpu()
-                    if cpu_before is not None and cpu_after is not None:
-                        cpu_per_conn.append((cpu_after - cpu_before) / count)
-                    found = server.memory()
-                    if found is not None:
-                        memory = MemoryResult(found.processes, found.rss_bytes, found.pss_bytes)
-
+                sample = Sample(server, count)
                 runs.append(
                     loadgen.burst(
-                        model.protocol, server.host, server.port, count, 3 * self.settings.timeout + 30, sample,
+                        model.protocol,
+                        server.host,
+                        server.port,
+                        count,
+                        3 * self.settings.timeout + 30,
+                        sample.take,
                         **self.load_options(),
                     )
                 )
+                samples.append(sample)
                 if not server.alive():
                     break
             complete = [r for r in runs if r["opened"] == count and r["echoed"] == count]
+            cpu = [x.cpu_per_connection for x in samples if x.cpu_per_connection is not None]
+            memory = next((x.memory for x in reversed(samples) if x.memory is not None), None)
             result.multi.append(
                 MultiResult(
                     connections=count,
@@ -345,7 +377,7 @@ class Runner:
                     messages_s=median([r["messages_ns"] / NS for r in complete]) if complete else None,
                     open_runs=[r["open_ns"] / NS for r in runs],
                     messages_runs=[r["messages_ns"] / NS for r in runs],
-                    server_cpu_per_connection_s=median(cpu_per_conn) if cpu_per_conn else None,
+                    server_cpu_per_connection_s=median(cpu) if cpu else None,
                     memory=memory,
                 )
             )
@@ -357,26 +389,36 @@ class Runner:
             server_cpu: list[float] = []
             for run in range(s.repeats):
                 self.progress(f"{model.name}: round trips, {clients} clients, run {run + 1}/{s.repeats}")
-                before = server.cpu()
-                out = loadgen.run(
-                    model.protocol, "rr", server.host, server.port, s.duration + s.warmup + 3 * s.timeout + 30,
-                    conns=clients, duration=s.duration, warmup=s.warmup, **self.load_options(),
+                window: list[float | None] = []
+                out = loadgen.round_trips(
+                    model.protocol,
+                    server.host,
+                    server.port,
+                    s.duration + s.warmup + 3 * s.timeout + 30,
+                    functools.partial(_note_cpu, window, server),
+                    conns=clients,
+                    duration=s.duration,
+                    warmup=s.warmup,
+                    **self.load_options(),
                 )
                 after = server.cpu()
                 outs.append(out)
-                if before is not None and after is not None and out["total_round_trips"]:
-                    server_cpu.append((after - before) / out["total_round_trips"])
+                before = window[0] if window else None
+                if before is not None and after is not None and out["round_trips"]:
+                    server_cpu.append((after - before) / out["round_trips"])
             good = [o for o in outs if o["round_trips"] and o["elapsed_ns"]]
             result.throughput.append(
                 ThroughputResult(
                     clients=clients,
-                    round_trips_per_s=median([o["round_trips"] / (o["elapsed_ns"] / NS) for o in good]) if good else None,
+                    round_trips_per_s=median([o["round_trips"] / (o["elapsed_ns"] / NS) for o in good])
+                    if good
+                    else None,
                     p50_s=median([o["p50_ns"] / NS for o in good]) if good else None,
                     p99_s=median([o["p99_ns"] / NS for o in good]) if good else None,
                     round_trips=sum(int(o["round_trips"]) for o in outs),
                     errors=merge([o["errors"] for o in outs]),
                     server_cpu_per_echo_s=median(server_cpu) if server_cpu else None,
-                    client_cpu_per_echo_s=median([o["cpu_s"] / o["total_round_trips"] for o in good]) if good else None,
+                    client_cpu_per_echo_s=median([o["cpu_s"] / o["round_trips"] for o in good]) if good else None,
                     runs=[o["round_trips"] / (o["elapsed_ns"] / NS) for o in good],
                 )
             )

@@ -32,9 +32,24 @@ RESP_ARGUMENT = "x" * 43
 def redis_benchmark(tool: str, port: int, requests: int) -> float:
     """Requests per second that redis-benchmark reports for the echo command."""
     done = subprocess.run(
-        [tool, "-h", "127.0.0.1", "-p", str(port), "-c", str(CLIENTS), "-n", str(requests), "--csv",
-         "ECHO", RESP_ARGUMENT],
-        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+        [
+            tool,
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-c",
+            str(CLIENTS),
+            "-n",
+            str(requests),
+            "--csv",
+            "ECHO",
+            RESP_ARGUMENT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
     )
     rows = list(csv.reader(io.StringIO(done.stdout)))
     for row in rows[1:]:
@@ -54,8 +69,9 @@ def check_loadgen(progress: Callable[[str], None]) -> int:
     try:
         for round_ in range(1, ROUNDS + 1):
             progress(f"check-loadgen: round {round_}/{ROUNDS}: myecho-load")
-            out = loadgen.run("tcp", "rr", server.host, server.port, 60, conns=CLIENTS, duration=DURATION,
-                              warmup=0.3, size=64)
+            out = loadgen.run(
+                "tcp", "rr", server.host, server.port, 60, conns=CLIENTS, duration=DURATION, warmup=0.3, size=64
+            )
             rate = out["round_trips"] / (out["elapsed_ns"] / 1e9)
             ours.append(rate)
             progress(f"check-loadgen: round {round_}/{ROUNDS}: redis-benchmark")

@@ -13,6 +13,7 @@ handshake). Every reply is checked byte for byte.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import resource
 import sys
@@ -95,7 +96,7 @@ class Load:
             try:
                 client = self.new_socket()
             except zmq.ZMQError as error:
-                self.errors["fd_limit" if error.errno in (zmq.EMFILE, 24) else "other"] += 1
+                self.errors["fd_limit" if error.errno in (errno.EMFILE, errno.ENFILE) else "other"] += 1
                 continue
             client.sock.connect(self.url(client.ident))
             assert client.monitor is not None
@@ -210,16 +211,28 @@ def burst(load: Load, count: int) -> None:
     opened, open_ns = load.open_many(count)
     echoed, messages_ns = load.echo_all() if opened else (0, 0)
     emit(
-        {"mode": "burst", "conns": count, "opened": opened, "open_ns": open_ns, "echoed": echoed,
-         "messages_ns": messages_ns},
+        {
+            "mode": "burst",
+            "conns": count,
+            "opened": opened,
+            "open_ns": open_ns,
+            "echoed": echoed,
+            "messages_ns": messages_ns,
+        },
         load.errors,
     )
     sys.stdin.readline()  # hold the connections until told
     load.close()
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def round_trips(load: Load, count: int, duration: float, warmup: float) -> None:
     load.open_many(count)
+    load.echo_all()  # as myecho-load: measure the steady state, not the start-up
     start = time.perf_counter_ns() + int(warmup * NS)
     stop = start + int(duration * NS)
     poller = zmq.Poller()
@@ -230,8 +243,12 @@ def round_trips(load: Load, count: int, duration: float, warmup: float) -> None:
         by_socket[client.sock] = client
     latencies: list[int] = []
     total = 0
+    cpu0: float | None = None
     while by_socket and (left := stop - time.perf_counter_ns()) > 0:
-        events = poller.poll(left // 1_000_000 + 1)
+        if cpu0 is None and time.perf_counter_ns() >= start:
+            print(json.dumps({"event": "start"}), flush=True)
+            cpu0 = cpu_seconds()
+        events = poller.poll((left if cpu0 is not None else start - time.perf_counter_ns()) // 1_000_000 + 1)
         now = time.perf_counter_ns()
         for sock, _ in events:
             client = by_socket[sock]
@@ -243,19 +260,25 @@ def round_trips(load: Load, count: int, duration: float, warmup: float) -> None:
             if client.t0 >= start and now <= stop:
                 latencies.append(now - client.t0)
             load.send(client)
-        if not events:
-            continue
     latencies.sort()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
 
     def pct(fraction: float) -> int:
         return latencies[round(fraction * (len(latencies) - 1))] if latencies else 0
 
     emit(
-        {"mode": "rr", "conns": count, "live": len(by_socket), "round_trips": len(latencies),
-         "total_round_trips": total, "elapsed_ns": max(0, min(time.perf_counter_ns(), stop) - start),
-         "p50_ns": pct(0.5), "p90_ns": pct(0.9), "p99_ns": pct(0.99), "max_ns": latencies[-1] if latencies else 0,
-         "cpu_s": usage.ru_utime + usage.ru_stime},
+        {
+            "mode": "rr",
+            "conns": count,
+            "live": len(by_socket),
+            "round_trips": len(latencies),
+            "total_round_trips": total,
+            "elapsed_ns": max(0, min(time.perf_counter_ns(), stop) - start),
+            "p50_ns": pct(0.5),
+            "p90_ns": pct(0.9),
+            "p99_ns": pct(0.99),
+            "max_ns": latencies[-1] if latencies else 0,
+            "cpu_s": cpu_seconds() - cpu0 if cpu0 is not None else 0.0,
+        },
         load.errors,
     )
     load.close()
