@@ -1,0 +1,106 @@
+"""The load generators check every echo: wrong bytes, early EOF and silence
+are errors of their own kind, never counted as answers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from myecho.bench import loadgen
+from myecho.bench.servers import BY_NAME, Server
+
+
+class Faulty:
+    """A loopback server whose every connection runs ``handle``."""
+
+    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port = self.listener.getsockname()[1]
+        self.handle = handle
+        threading.Thread(target=self.run, daemon=True).start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn: socket.socket) -> None:
+        with conn:
+            self.handle(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def corrupting(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data[:-1] + b"?")
+
+
+def closing(conn: socket.socket) -> None:
+    conn.recv(65536)
+
+
+@pytest.fixture
+def faulty(request: pytest.FixtureRequest) -> Iterator[Faulty]:
+    server = Faulty(request.param)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("faulty", [corrupting], indirect=True)
+@pytest.mark.parametrize("protocol_mode", ["single", "burst"])
+def test_a_wrong_echo_is_a_mismatch(faulty: Faulty, protocol_mode: str) -> None:
+    if protocol_mode == "single":
+        out = loadgen.run("tcp", "single", "127.0.0.1", faulty.port, 30, trials=3, timeout=2)
+        assert out["trials"] == 0
+    else:
+        out = loadgen.burst("tcp", "127.0.0.1", faulty.port, 20, 30, lambda result: None, timeout=2)
+        assert out["opened"] == 20 and out["echoed"] == 0
+    assert out["errors"]["mismatch"] >= 3
+
+
+@pytest.mark.parametrize("faulty", [closing], indirect=True)
+def test_a_server_that_closes_is_an_eof(faulty: Faulty) -> None:
+    out = loadgen.run("tcp", "single", "127.0.0.1", faulty.port, 30, trials=3, timeout=2)
+    assert out["trials"] == 0
+    assert set(out["errors"]) <= {"eof", "reset"}
+
+
+def test_round_trips_against_the_limit_server() -> None:
+    server = Server.start(BY_NAME["epoll"])
+    try:
+        starts: list[float] = []
+        out = loadgen.round_trips("tcp", server.host, server.port, 30, lambda: starts.append(1.0), conns=8,
+                                  duration=0.3, warmup=0.05)
+    finally:
+        server.stop()
+    assert starts == [1.0]
+    assert out["errors"] == {} and out["live"] == 8
+    assert out["round_trips"] > 100
+    assert 0 < out["p50_ns"] <= out["p99_ns"] <= out["max_ns"]
+
+
+def test_zmq_client_against_the_zmq_model() -> None:
+    server = Server.start(BY_NAME["zmq"])
+    try:
+        single = loadgen.run("zmq", "single", server.host, server.port, 60, trials=3, timeout=5)
+        burst = loadgen.burst("zmq", server.host, server.port, 50, 60, lambda result: None, timeout=5)
+    finally:
+        server.stop()
+    assert single["trials"] == 3 and single["errors"] == {}
+    assert burst["opened"] == 50 and burst["echoed"] == 50
+
+
+def test_zmq_client_says_refused_when_nothing_listens() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        out = loadgen.run("zmq", "single", "127.0.0.1", probe.getsockname()[1], 60, trials=2, timeout=1)
+    assert out["trials"] == 0
+    assert set(out["errors"]) <= {"refused", "timeout"}

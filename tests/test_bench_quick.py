@@ -1,0 +1,55 @@
+"""End to end: ``myecho-bench --quick`` as a user runs it, on a few models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import jsonschema
+from support import command
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "benchmarks" / "results.schema.json").read_text())
+
+
+def test_quick_run_prints_both_tables_and_valid_json(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [command("myecho-bench"), "--quick", "--models", "c,select,zmq", "--talk", "--ratios",
+         "--ramp-limit", "500", "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "Single connection" in text and "Multiple connections" in text
+    for column in ("Connect", "Exchange 1", "Exchange 2", "100 connections", "1000 messages", "Maximum"):
+        assert column in text
+    for label in ("C (myecho-c)", "select", "zmq"):
+        assert label in text
+    assert "talk: Connect" in text
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA, cls=jsonschema.Draft202012Validator)
+    by_name = {m["name"]: m for m in document["models"]}
+    assert set(by_name) == {"c", "select", "zmq"}
+    for result in by_name.values():
+        assert result["failures"] == []
+        assert result["single"]["trials"] > 0
+        assert all(m["complete"] for m in result["multi"])
+        assert result["ramp"]["completed"] and result["ramp"]["maximum"] == 500
+        rr32 = next(t for t in result["throughput"] if t["clients"] == 32)
+        assert rr32["round_trips_per_s"] > 0 and rr32["server_cpu_per_echo_s"] > 0
+
+
+def test_help_defines_every_column() -> None:
+    done = subprocess.run([command("myecho-bench"), "--help"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0
+    for column in ("Connect", "Exchange 1", "Exchange 2", "N connections", "N messages", "Maximum", "round trips",
+                   "server CPU/echo", "memory", "--quick", "--target", "--installed", "--json"):
+        assert column in done.stdout
+
+
+def test_bad_target_is_one_line() -> None:
+    done = subprocess.run([command("myecho-bench"), "--target", "nosuch=1.2.3.4:5"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode != 0
+    assert "bad --target" in done.stderr and "Traceback" not in done.stderr

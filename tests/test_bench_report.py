@@ -1,0 +1,196 @@
+"""Table layout, the talk's figures beside ours, ratios, and the JSON schema."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from myecho.bench.report import Report, fmt_bytes, fmt_maximum, fmt_time, render
+from myecho.bench.scenarios import (
+    MemoryResult,
+    ModelResult,
+    MultiResult,
+    RampResult,
+    RampStep,
+    SingleResult,
+    ThroughputResult,
+)
+from myecho.bench.stats import Summary
+
+SCHEMA = json.loads((Path(__file__).parent.parent / "benchmarks" / "results.schema.json").read_text())
+
+
+def validate(document: object) -> None:
+    jsonschema.validate(document, SCHEMA, cls=jsonschema.Draft202012Validator)
+
+
+def summary(median: float) -> Summary:
+    return Summary(100, median, median * 3, median / 2, median * 10)
+
+
+def model(name: str, label: str, scale: float, complete: bool = True, ramp_ok: bool = True) -> ModelResult:
+    result = ModelResult(name, label, f"the {name} model", "tcp", name == "c", address="127.0.0.1:1")
+    result.single = SingleResult(100, {}, summary(50e-6 * scale), summary(200e-6 * scale), summary(40e-6 * scale))
+    for count in (100, 1000):
+        result.multi.append(
+            MultiResult(
+                connections=count,
+                runs=3,
+                complete=complete,
+                opened=count if complete else count // 2,
+                echoed=count if complete else count // 2 - 1,
+                errors={} if complete else {"refused": count // 2},
+                open_s=count * 40e-6 * scale if complete else None,
+                messages_s=count * 30e-6 * scale if complete else None,
+                open_runs=[count * 40e-6 * scale] * 3,
+                messages_runs=[count * 30e-6 * scale] * 3,
+                server_cpu_per_connection_s=100e-6 * scale,
+                memory=MemoryResult(count + 1, count * 400 * 1024, count * 40 * 1024),
+            )
+        )
+    for clients in (1, 32, 256):
+        result.throughput.append(
+            ThroughputResult(clients, 50000 / scale, 20e-6, 80e-6, 150000, {}, 13e-6 * scale, 12e-6, [50000 / scale])
+        )
+    result.ramp = RampResult(
+        maximum=20000 if ramp_ok else 49,
+        limit=20000,
+        completed=ramp_ok,
+        stop_reason="completed" if ramp_ok else "refused",
+        stop_detail="" if ramp_ok else "35 refused",
+        steps=[RampStep(100, 100, 100 if ramp_ok else 49, {} if ramp_ok else {"refused": 51}, 0.1)],
+    )
+    return result
+
+
+def report(**options: bool) -> Report:
+    results = [
+        model("c", "C (myecho-c)", 1.0),
+        model("inetd-xinetd-cps50", "inetd by xinetd, cps 50", 100.0, complete=False, ramp_ok=False),
+        model("select", "select", 2.0),
+        ModelResult("uvloop", "Python uvloop", "uvloop", "tcp", True, skipped="uvloop is not installed"),
+    ]
+    meta = {
+        "tool_version": "0",
+        "started": "2026-11-26T16:00:00+00:00",
+        "seconds": 1.0,
+        "command": "myecho-bench --quick",
+        "mode": "local",
+        "quick": True,
+        "machine": {"kernel": "6", "cpu": "x", "cores": 2, "memory_bytes": 1, "python": "3.11", "fd_limit": 20000,
+                    "pid_max": 32768},
+        "load_average": {"start": [0.1, 0.2, 0.3], "end": [0.1, 0.2, 0.3]},
+        "settings": {"trials": 40, "repeats": 1, "connections": [100, 1000], "clients": [1, 32, 256],
+                     "duration_s": 0.5, "warmup_s": 0.1, "message_bytes": 64, "timeout_s": 5.0, "ramp_limit": 1000},
+    }
+    return Report(results, meta, **options)
+
+
+def test_units_read_like_the_talk() -> None:
+    assert fmt_time(5e-6) == "5 µs"
+    assert fmt_time(31e-3) == "31 ms"
+    assert fmt_time(1.4e-3) == "1.4 ms"
+    assert fmt_time(6.5) == "6.5 s"
+    assert fmt_time(None) == "—"
+    assert fmt_bytes(3 * 1024**2) == "3 MiB"
+
+
+def test_maximum_reads_like_the_talk() -> None:
+    assert fmt_maximum(RampResult(20000, 20000, True, "completed", "", [])) == "≥ 20000"
+    assert fmt_maximum(RampResult(49, 20000, False, "refused", "", [])) == "49 (refused)"
+
+
+def test_columns_line_up() -> None:
+    text = render(["Model", "Connect"], [["C", "5 µs"], ["a longer name", "31 ms"]])
+    lines = text.splitlines()
+    assert lines[0].startswith("Model") and "Connect" in lines[0]
+    assert lines[2].index("5 µs") + len("5 µs") == lines[3].index("31 ms") + len("31 ms")  # right-aligned
+    markdown = render(["Model", "Connect"], [["C", "5 µs"]], markdown=True).splitlines()
+    assert markdown[1] == "| ----- | ------: |"
+    assert len({len(line) for line in markdown}) == 1
+
+
+def test_single_table_has_the_talks_columns_in_order() -> None:
+    lines = report().single_table().splitlines()
+    header = lines[0]
+    assert header.index("Connect") < header.index("Exchange 1") < header.index("Exchange 2")
+    assert [line.split("  ")[0] for line in lines[2:]] == ["C (myecho-c)", "inetd by xinetd, cps 50", "select"]
+    assert "50 µs (p99 150 µs)" in lines[2]
+
+
+def test_multi_table_columns_and_failures() -> None:
+    text = report().multi_table()
+    header = text.splitlines()[0]
+    for column in ("100 connections", "100 messages", "1000 connections", "1000 messages", "Maximum"):
+        assert column in header
+    assert header.index("100 connections") < header.index("100 messages") < header.index("1000 connections")
+    assert "fails (50/100)" in text
+    assert "49 (refused)" in text
+    assert "≥ 20000" in text
+
+
+def test_talk_figures_beside_ours() -> None:
+    single = report(with_talk=True).single_table()
+    assert "talk: Connect" in single
+    multi = report(with_talk=True).multi_table()
+    c_row = next(line for line in multi.splitlines() if line.startswith("C (myecho-c)"))
+    assert "6.5 s" in c_row and "> 1000" in c_row
+    select_row = next(line for line in multi.splitlines() if line.startswith("select"))
+    assert "57.5 s" in select_row  # "mono" in the talk
+
+
+def test_ratios_against_the_c_reference() -> None:
+    single = report(with_ratios=True).single_table()
+    select_row = next(line for line in single.splitlines() if line.startswith("select"))
+    assert "×2" in select_row
+    c_row = next(line for line in single.splitlines() if line.startswith("C (myecho-c)"))
+    assert "×1" in c_row
+
+
+def test_skipped_models_are_said_not_shown() -> None:
+    text = report().text()
+    assert "Python uvloop" not in text.split("Notes")[0]
+    assert "uvloop: not measured: uvloop is not installed" in text
+
+
+def test_the_beyond_the_talk_tables() -> None:
+    text = report().text()
+    assert "32 clients: round trips (p50 / p99)" in text
+    assert "server CPU / echo (32 clients)" in text
+    assert "50.0k/s (20 µs / 80 µs)" in text
+
+
+def test_markdown_output() -> None:
+    text = report().text(markdown=True)
+    assert text.startswith("### Single connection")
+    assert any(line.startswith("| C (myecho-c) ") for line in text.splitlines())
+
+
+def test_json_validates_against_the_schema() -> None:
+    document = report().as_json()
+    validate(document)
+    assert document["schema"] == "myecho-bench/1"
+    assert [m["name"] for m in document["models"]] == ["c", "inetd-xinetd-cps50", "select", "uvloop"]
+    assert document["models"][0]["single"]["exchange1"]["median"] == pytest.approx(200e-6)
+
+
+def test_the_schema_catches_a_broken_document() -> None:
+    document = report().as_json()
+    del document["models"][0]["single"]["connect"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(document)
+    document = report().as_json()
+    document["models"][0]["ramp"]["stop_reason"] = "gave up"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(document)
+
+
+def test_charts_when_matplotlib_is_there(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    written = report().write_charts(tmp_path)
+    assert sorted(p.name for p in written) == ["multi.png", "single.png", "throughput.png"]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
