@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import jsonschema
+from conftest import ServeFactory
 from support import command
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "benchmarks" / "results.schema.json").read_text())
@@ -53,3 +54,24 @@ def test_bad_target_is_one_line() -> None:
                           timeout=30)
     assert done.returncode != 0
     assert "bad --target" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_target_mode_measures_a_running_service(serve: ServeFactory, tmp_path: Path) -> None:
+    server = serve("select")
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [command("myecho-bench"), "--target", f"select=127.0.0.1:{server.port}", "--scenarios", "single,multi",
+         "--trials", "5", "--repeats", "1", "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(out.read_text())
+    jsonschema.validate(document, SCHEMA, cls=jsonschema.Draft202012Validator)
+    assert document["mode"] == "target"
+    (result,) = document["models"]
+    assert result["name"] == "select" and result["address"] == f"127.0.0.1:{server.port}"
+    assert result["single"]["trials"] == 5
+    # Its process was found from the listening socket: CPU and memory are measured.
+    big = next(m for m in result["multi"] if m["connections"] == 1000)
+    assert big["complete"] and big["memory"]["processes"] == 1
+    assert server.proc.poll() is None  # the tool never stops a service it did not start

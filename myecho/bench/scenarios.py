@@ -181,7 +181,7 @@ def ramp_targets(limit: int) -> list[int]:
 
 
 def classify_failure(
-    errors: dict[str, int], fd_pressure: tuple[int, int] | None, server_alive: bool
+    errors: dict[str, int], fd_pressure: tuple[int, int] | None, server_alive: bool, processes: int | None = None
 ) -> tuple[str, str]:
     """Why a ramp step failed: (reason, detail).
 
@@ -201,8 +201,10 @@ def classify_failure(
         fds, limit = fd_pressure
         if fds >= 0.99 * limit:
             return "fd limit", f"server holds {fds} descriptors of its limit {limit}; {detail}"
+    if processes:
+        detail += f"; the server runs {processes} process{'es' if processes > 1 else ''}"
     if fd_pressure is not None:
-        detail += f"; server's fullest process holds {fd_pressure[0]} of {fd_pressure[1]} descriptors"
+        detail += f"; its fullest holds {fd_pressure[0]} of {fd_pressure[1]} descriptors"
     return reason, detail
 
 
@@ -459,7 +461,7 @@ class Runner:
                 mem_now = procs.mem_available()
                 pids = server.pids()
                 if ok < target or any(merged.values()):
-                    stop = classify_failure(merged, procs.fd_pressure(pids), server.alive())
+                    stop = classify_failure(merged, procs.fd_pressure(pids), server.alive(), len(pids) or None)
                     break
                 new = target - connections
                 drop = max(0.0, (obs.mem_available - mem_now) / new) if new > 0 else None

@@ -58,7 +58,7 @@ def redis_benchmark(tool: str, port: int, requests: int) -> float:
     raise RuntimeError(f"redis-benchmark printed no result: {done.stderr.strip() or done.stdout.strip()}")
 
 
-def check_loadgen(progress: Callable[[str], None]) -> int:
+def check_loadgen(progress: Callable[[str], None], rounds: int = ROUNDS, duration: float = DURATION) -> int:
     tool = shutil.which("redis-benchmark")
     if tool is None:
         print("myecho-bench: redis-benchmark is missing (apt-get install redis-tools)")
@@ -67,19 +67,19 @@ def check_loadgen(progress: Callable[[str], None]) -> int:
     ours: list[float] = []
     theirs: list[float] = []
     try:
-        for round_ in range(1, ROUNDS + 1):
-            progress(f"check-loadgen: round {round_}/{ROUNDS}: myecho-load")
+        for round_ in range(1, rounds + 1):
+            progress(f"check-loadgen: round {round_}/{rounds}: myecho-load")
             out = loadgen.run(
-                "tcp", "rr", server.host, server.port, 60, conns=CLIENTS, duration=DURATION, warmup=0.3, size=64
+                "tcp", "rr", server.host, server.port, 60, conns=CLIENTS, duration=duration, warmup=0.3, size=64
             )
             rate = out["round_trips"] / (out["elapsed_ns"] / 1e9)
             ours.append(rate)
-            progress(f"check-loadgen: round {round_}/{ROUNDS}: redis-benchmark")
-            theirs.append(redis_benchmark(tool, server.port, int(rate * DURATION)))
+            progress(f"check-loadgen: round {round_}/{rounds}: redis-benchmark")
+            theirs.append(redis_benchmark(tool, server.port, max(1000, int(rate * duration))))
     finally:
         server.stop()
     ratio = median(ours) / median(theirs)
-    print(f"against myecho-c, {CLIENTS} clients, 64-byte messages, {ROUNDS} alternating rounds of ~{DURATION:.0f} s:")
+    print(f"against myecho-c, {CLIENTS} clients, 64-byte messages, {rounds} alternating rounds of ~{duration:g} s:")
     print(f"  myecho-load      {median(ours):9.0f} round trips/s (runs: {', '.join(f'{r:.0f}' for r in ours)})")
     print(f"  redis-benchmark  {median(theirs):9.0f} requests/s    (runs: {', '.join(f'{r:.0f}' for r in theirs)})")
     verdict = "within 10 %" if ratio >= 0.9 else "MORE than 10 % slower"

@@ -1,0 +1,72 @@
+"""The reference servers the bench starts beside the models, and its
+process accounting, over real loopback."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+
+import pytest
+from support import roundtrip
+
+from myecho.bench import procs
+from myecho.bench.servers import BY_NAME, Server, unavailable
+
+
+@pytest.mark.parametrize("name", ["asyncio", "uvloop", "c", "epoll", "inetd-systemd", "inetd-xinetd"])
+def test_reference_servers_echo_and_stop(name: str) -> None:
+    if name == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        pytest.skip("uvloop is not installed")
+    model = BY_NAME[name]
+    if unavailable(model):
+        pytest.skip(unavailable(model) or "")
+    server = Server.start(model)
+    try:
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            assert roundtrip(sock, b"\x00bytes, any bytes\xff\n") == b"\x00bytes, any bytes\xff\n"
+            memory = server.memory()
+            assert memory is not None and memory.processes >= 1 and memory.pss_bytes > 0
+        assert server.cpu() is not None
+    finally:
+        server.stop()
+    assert server.proc is not None and server.proc.returncode is not None
+
+
+def test_cpu_of_exited_children_is_counted(tmp_path: object) -> None:
+    """The fork-server case: children that burn CPU and exit still count."""
+    import subprocess
+    import sys
+
+    burn = "import os\nfor _ in range(3):\n    if os.fork() == 0:\n        sum(range(3_000_000)); os._exit(0)\n"
+    burn += "for _ in range(3): os.wait()\nimport time; time.sleep(5)\n"
+    proc = subprocess.Popen([sys.executable, "-c", burn])
+    try:
+        for _ in range(100):
+            if procs.cpu_seconds([proc.pid]) > 0.1 and len(procs.tree(proc.pid)) == 1:
+                break
+            import time
+
+            time.sleep(0.05)
+        assert procs.tree(proc.pid) == [proc.pid]
+        assert procs.cpu_seconds(procs.tree(proc.pid)) > 0.1  # through cutime/cstime
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_listener_owner_finds_this_process() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        assert procs.listener_owner(listener.getsockname()[1]) == os.getpid()
+    assert procs.fd_limit(os.getpid()) is None or procs.fd_limit(os.getpid()) > 0
+
+
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-benchmark (redis-tools) is not installed")
+def test_check_loadgen_compares_with_redis_benchmark(capsys: pytest.CaptureFixture[str]) -> None:
+    from myecho.bench.validate import check_loadgen
+
+    status = check_loadgen(lambda message: None, rounds=1, duration=0.3)
+    out = capsys.readouterr().out
+    assert "redis-benchmark" in out and "ratio" in out
+    assert status in (0, 1)  # one short round on a shared machine proves nothing either way
