@@ -159,6 +159,18 @@ def test_lean_start_runs_the_file_without_site() -> None:
     result = subprocess.run(["/usr/bin/python3", "-I", "-S", str(installed)], input=payload, capture_output=True,
                             timeout=10)
     assert result.stdout == payload, result.stderr
-    probe = subprocess.run(["/usr/bin/python3", "-I", "-S", "-c", "import sys; print('zmq' in sys.modules)"],
-                           capture_output=True, text=True, timeout=10)
-    assert probe.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["python3 -I -S inetd.py", "myecho serve inetd"])
+def test_inetd_path_imports_nothing_heavy(lean: bool) -> None:
+    """Each import is paid at every connection: argparse, socket, typing, zmq must stay out."""
+    import myecho.models.inetd
+
+    argv = ["/usr/bin/python3", "-X", "importtime", "-I", "-S", myecho.models.inetd.__file__] if lean else \
+        [command("myecho"), "serve", "inetd"]
+    env = dict(os.environ, PYTHONPROFILEIMPORTTIME="1")
+    result = subprocess.run(argv, input=b"x", capture_output=True, timeout=10, env=env)
+    assert result.stdout == b"x"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.decode().splitlines() if "|" in line}
+    assert "myecho.echo" in imported
+    assert not imported & {"argparse", "socket", "typing", "zmq", "selectors", "logging"}, imported
