@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 
 from conftest import ServeFactory
-
 from support import command, free_port, random_bytes
 
 
