@@ -125,9 +125,7 @@ class Server:
             self.proc.wait()
             raise AssertionError(f"server did not stop within {timeout} s after SIGTERM") from None
         self._reader.join(2)
-        if self.notify is not None:
-            self.notify.close()
-        return code
+        return code  # the notify socket stays readable until kill()
 
     def kill(self) -> None:
         """Teardown after a failed test: the server and any child it left."""
@@ -139,6 +137,7 @@ class Server:
             self.proc.wait()
         if self.notify is not None:
             self.notify.close()
+            self.notify = None
 
 
 def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None,

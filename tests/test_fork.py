@@ -85,6 +85,9 @@ def test_daemon_mode_detaches_and_writes_a_pidfile(tmp_path: Path) -> None:
                              "--pidfile", str(pidfile), "--log-file", str(log)], timeout=10)
     assert result.returncode == 0  # the shell gets its prompt back
     wait_listening(port)
+    deadline = time.monotonic() + 10
+    while not pidfile.exists() and time.monotonic() < deadline:  # written by the daemon, after the bind
+        time.sleep(0.02)
     pid = int(pidfile.read_text())
     try:
         # A session of its own, and not its leader: it can never get a terminal back.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 from conftest import ServeFactory
-from support import NotifySocket, Server, command, exchange, free_port, roundtrip, wait_listening
+from support import NotifySocket, command, exchange, free_port, roundtrip, wait_listening
 
 
 def activate(argv: list[str], port: int, notify: NotifySocket | None = None) -> subprocess.Popen[bytes]:
@@ -24,6 +24,7 @@ def activate(argv: list[str], port: int, notify: NotifySocket | None = None) -> 
     assert tool, "systemd-socket-activate is missing: apt-get install systemd"
     # Like systemd, the tool passes on only the environment it is told to.
     setenv = [f"--setenv=NOTIFY_SOCKET={notify.path}"] if notify is not None else []
+    setenv += [f"--setenv={name}" for name in os.environ if name.startswith("COVERAGE_")]
     return subprocess.Popen([tool, f"--listen=127.0.0.1:{port}", *setenv, *argv], stderr=subprocess.PIPE)
 
 
@@ -166,10 +167,8 @@ def test_sdnotify_is_the_fallback_without_python_systemd(tmp_path: Path) -> None
     notify.close()
 
 
-def test_second_sigint_is_still_graceful() -> None:
-    port = free_port()
-    server = Server([command("myecho"), "serve", "select", "--port", str(port), "--graceful-timeout", "30"], port)
-    server.wait_ready()
+def test_second_sigint_is_still_graceful(serve: ServeFactory) -> None:
+    server = serve("select", "--graceful-timeout", "30")
     sock = server.connect()
     server.signal(signal.SIGINT)
     time.sleep(0.3)
