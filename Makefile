@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo    the main job: build, start every model, show each answering
+#   make demo    the main job: build, start every model, print the talk's two tables (myecho-bench --quick)
 #   make check   the tests (unit, integration over loopback, lint, types)
 # Both install what they need first when run as root on Debian 12.
 
@@ -30,8 +30,8 @@ check: venv
 	$(TOX) -e lint,type,py -- tests --ignore=tests/system
 
 demo: venv
-	$(VENV)/bin/pip install -q '.[systemd]'
-	$(VENV)/bin/python benchmarks/demo.py
+	$(VENV)/bin/pip install -q '.[systemd,bench]'
+	$(VENV)/bin/myecho-bench --quick --talk --charts bench-charts
 
 clean:
 	rm -rf build dist *.egg-info .tox $(VENV) .coverage .coverage.*
