@@ -75,3 +75,16 @@ def test_target_mode_measures_a_running_service(serve: ServeFactory, tmp_path: P
     big = next(m for m in result["multi"] if m["connections"] == 1000)
     assert big["complete"] and big["memory"]["processes"] == 1
     assert server.proc.poll() is None  # the tool never stops a service it did not start
+
+
+def test_installed_mode_says_which_services_are_not_running(tmp_path: Path) -> None:
+    """Whatever this machine runs on the contract's ports, every row is measured or says why not."""
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [command("myecho-bench"), "--installed", "--models", "fork", "--scenarios", "single", "--trials", "3",
+         "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(out.read_text())["models"]
+    assert result["single"] is not None or "nothing answers on 127.0.0.1:11139" in result["skipped"]

@@ -165,7 +165,7 @@ def ramp(port: int, limit: int) -> ModelResult:
     model = BY_NAME["epoll"]
     server = Server(model, "127.0.0.1", port)  # not ours to measure: no process root
     result = ModelResult(model.name, model.label, model.description, model.protocol, model.reference)
-    runner.ramp(model, server, result)
+    runner.ramp(model, result, server)
     return result
 
 

@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import shlex
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -33,7 +34,8 @@ columns (every duration is measured by the client, on this machine's loopback):
   N connections    time until all N are connected (SYNs dropped by a full listen backlog
                    are retried by the kernel after 1 s, 3 s, ...: that is what makes it slow).
   N messages       then one message on each of them, until every echo is back and checked.
-                   Median over --repeats runs. "fails (k/N: errors)" when any run lost some.
+                   Median over --repeats runs; each phase may take --multi-timeout seconds.
+                   "fails (k/N)" when a run lost some (the notes say how: refused, timeout...).
   Maximum          the most concurrent connections whose echoes all came back correct, from
                    a ramp (100, 200, 500, 1000, 2000, 5000, 10000, then every 5000 up to
                    --ramp-limit) that holds every connection open and echoes on all of them at
@@ -98,7 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, metavar="N", help="runs of each multiple/round-trip test (default 3)")
     parser.add_argument("--duration", type=float, metavar="S", help="seconds of each round-trip run (default 3)")
     parser.add_argument("--ramp-limit", type=int, metavar="N", help="the ramp's last step (default 20000; quick 1000)")
-    parser.add_argument("--timeout", type=float, metavar="S", help="per connect or echo phase (default 10; quick 5)")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        metavar="S",
+        help="per connect or echo phase of the ramp and round trips (default 10; quick 5)",
+    )
+    parser.add_argument(
+        "--multi-timeout",
+        type=float,
+        metavar="S",
+        help="per phase of the 100/1000-connection tests (default 60; quick 15)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     parser.add_argument(
         "--check-loadgen",
@@ -136,7 +149,7 @@ class Progress:
 
 def settings_from(options: argparse.Namespace) -> Settings:
     settings = Settings.quick() if options.quick else Settings()
-    for name in ("trials", "repeats", "duration", "ramp_limit", "timeout"):
+    for name in ("trials", "repeats", "duration", "ramp_limit", "timeout", "multi_timeout"):
         value = getattr(options, name)
         if value is not None:
             if value <= 0:
@@ -156,6 +169,15 @@ def parse_targets(options: argparse.Namespace) -> dict[str, tuple[str, int]]:
             raise SystemExit(f"myecho-bench: bad --target {item!r}: MODEL=HOST:PORT with MODEL in {', '.join(BY_NAME)}")
         targets[name] = (host, int(port))
     return targets
+
+
+def listening(host: str, port: int) -> str | None:
+    """None if something accepts connections on host:port, else why not (for a skipped row)."""
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as error:
+        return f"nothing answers on {host}:{port} ({error.strerror or error}): is the service running?"
+    return None
 
 
 def machine() -> dict[str, Any]:
@@ -200,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: list[ModelResult] = []
     for index, model in enumerate(chosen, 1):
         progress.prefix = f"[{index}/{len(chosen)}] "
-        why = None if model.name in targets else unavailable(model)
+        why = listening(*targets[model.name]) if model.name in targets else unavailable(model)
         if why is not None:
             results.append(
                 ModelResult(model.name, model.label, model.description, model.protocol, model.reference, skipped=why)
@@ -226,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warmup_s": settings.warmup,
             "message_bytes": settings.message_size,
             "timeout_s": settings.timeout,
+            "multi_timeout_s": settings.multi_timeout,
             "ramp_limit": settings.ramp_limit,
         },
     }
