@@ -148,6 +148,10 @@ class NotifySocket:
 class ServerError(RuntimeError):
     """A server that would not start; the message says why."""
 
+    def __init__(self, message: str, early: bool = False) -> None:
+        super().__init__(message)
+        self.early = early  # it exited by itself (a port taken meanwhile?): worth another try
+
 
 def wait_listening(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None) -> None:
     deadline = time.monotonic() + timeout
@@ -215,8 +219,23 @@ class Server:
         self.log_path: Path | None = None
 
     @classmethod
-    def start(cls, model: Model, timeout: float = 20.0) -> Server:
-        """Start ``model`` on a free loopback port and wait until it serves."""
+    def start(cls, model: Model, timeout: float = 20.0, attempts: int = 3) -> Server:
+        """Start ``model`` on a free loopback port and wait until it serves.
+
+        A port found free can be taken before the server binds it (any
+        outgoing connection on the machine may get it as its source port),
+        so a server that exits at once is tried again on another port.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                return cls._start(model, timeout)
+            except ServerError as error:
+                if attempt == attempts or not error.early:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _start(cls, model: Model, timeout: float) -> Server:
         server = cls(model, "127.0.0.1", free_port())
         server.workdir = Path(tempfile.mkdtemp(prefix=f"myecho-bench-{model.name}-"))
         launch = launch_command(model, server.port, server.workdir)
@@ -227,9 +246,9 @@ class Server:
         if notify is not None:
             env["NOTIFY_SOCKET"] = notify.path
         server.log_path = server.workdir / "server.log"
-        with open(server.log_path, "wb") as log:
+        with open(server.log_path, "wb") as log_file:
             server.proc = subprocess.Popen(
-                launch.argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                launch.argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
             )
         server.root = server.proc.pid
         try:
@@ -238,8 +257,10 @@ class Server:
             else:
                 wait_listening(server.host, server.port, timeout, server.proc)
         except ServerError as error:
+            log = server.log_tail()
+            early = server.proc.poll() is not None
             server.stop()
-            raise ServerError(f"{model.name}: {error}; log: {server.log_tail()}") from None
+            raise ServerError(f"{model.name}: {error}; log: {log}", early=early) from None
         finally:
             if notify is not None:
                 notify.close()
