@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any
 
-from myecho.reference import program
+from myecho.bench.servers import program
 
 Json = dict[str, Any]
 
