@@ -9,11 +9,12 @@ the first exchange. Everything else goes through argparse.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NoReturn
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs milliseconds too
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Sequence
+    from typing import NoReturn
 
 MODEL_HELP = {
     "inetd": "one connection on stdin/stdout, then exit (xinetd, systemd Accept=yes, a pipe)",

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -125,9 +125,7 @@ class Server:
             self.proc.wait()
             raise AssertionError(f"server did not stop within {timeout} s after SIGTERM") from None
         self._reader.join(2)
-        if self.notify is not None:
-            self.notify.close()
-        return code
+        return code  # the notify socket stays readable until kill()
 
     def kill(self) -> None:
         """Teardown after a failed test: the server and any child it left."""
@@ -139,6 +137,7 @@ class Server:
             self.proc.wait()
         if self.notify is not None:
             self.notify.close()
+            self.notify = None
 
 
 def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None,
@@ -153,6 +152,23 @@ def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[byte
         except OSError:
             time.sleep(0.02)
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll for something another process does in its own time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout} s")
+        time.sleep(0.02)
+
+
+def refused(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 def random_bytes(size: int, seed: int = 862) -> bytes:

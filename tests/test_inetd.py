@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -56,8 +57,9 @@ def socket_activated_inetd() -> Iterator[int]:
     tool = shutil.which("systemd-socket-activate")
     assert tool, "systemd-socket-activate is missing: apt-get install systemd"
     port = free_port()
-    proc = subprocess.Popen([tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", command("myecho"), "serve",
-                             "inetd"], stderr=subprocess.DEVNULL)
+    coverage = [f"--setenv={name}" for name in os.environ if name.startswith("COVERAGE_")]
+    proc = subprocess.Popen([tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", *coverage, command("myecho"),
+                             "serve", "inetd"], stderr=subprocess.DEVNULL)
     try:
         wait_listening(port, 10, proc)
         yield port
@@ -100,7 +102,7 @@ service myecho
     socket_type = stream
     protocol    = tcp
     wait        = no
-    user        = nobody
+    user        = {user}
     bind        = 127.0.0.1
     port        = {port}
     server      = {server}
@@ -119,7 +121,10 @@ def xinetd_port() -> Iterator[int]:
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="myecho-xinetd-"))
     config = workdir / "xinetd.conf"
-    config.write_text(XINETD_SERVICE.format(port=port, server=command("myecho")))
+    # The shipped file says user = nobody (checked by the system suite with the
+    # installed package); tox's environment is private to its owner.
+    user = pwd.getpwuid(os.getuid()).pw_name
+    config.write_text(XINETD_SERVICE.format(port=port, server=command("myecho"), user=user))
     log = workdir / "xinetd.log"
     proc = subprocess.Popen([xinetd, "-dontfork", "-f", str(config), "-filelog", str(log),
                              "-pidfile", str(workdir / "pid")], stderr=subprocess.DEVNULL)
@@ -143,3 +148,31 @@ def test_xinetd_interactive_lines(xinetd_port: int) -> None:
         assert roundtrip(sock, b"Hello\n") == b"Hello\n"
         assert roundtrip(sock, b"Test 1\n") == b"Test 1\n"
         assert roundtrip(sock, b"Test 2\n") == b"Test 2\n"
+
+
+def test_lean_start_runs_the_file_without_site() -> None:
+    """What the shipped xinetd file and inetd unit run: python3 -I -S inetd.py."""
+    import myecho.models.inetd
+
+    installed = Path(myecho.models.inetd.__file__)
+    payload = b"lean\x00start" * 1000
+    result = subprocess.run(["/usr/bin/python3", "-I", "-S", str(installed)], input=payload, capture_output=True,
+                            timeout=10)
+    assert result.stdout == payload, result.stderr
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["python3 -I -S inetd.py", "myecho serve inetd"])
+def test_inetd_path_imports_nothing_heavy(lean: bool) -> None:
+    """Each import is paid at every connection: argparse, socket, typing, zmq must stay out."""
+    import myecho.models.inetd
+
+    argv = ["/usr/bin/python3", "-X", "importtime", "-I", "-S", myecho.models.inetd.__file__] if lean else \
+        [command("myecho"), "serve", "inetd"]
+    # Without coverage's start-up hook, which imports half the stdlib itself.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("COVERAGE_")}
+    env["PYTHONPROFILEIMPORTTIME"] = "1"
+    result = subprocess.run(argv, input=b"x", capture_output=True, timeout=10, env=env)
+    assert result.stdout == b"x"
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.decode().splitlines() if "|" in line}
+    assert "myecho.echo" in imported
+    assert not imported & {"argparse", "socket", "typing", "zmq", "selectors", "logging"}, imported

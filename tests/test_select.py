@@ -67,8 +67,25 @@ def test_running_out_of_fds_neither_crashes_nor_spins() -> None:
         for sock in clients[60:]:  # those waited in the backlog and are served now
             assert roundtrip(sock, b"late") == b"late"
             sock.close()
+        assert limited.stop() == 0
     finally:
         limited.kill()
+
+
+def test_max_connections_queues_the_rest(serve: ServeFactory) -> None:
+    server = serve("select", "--max-connections", "2")
+    first, second = server.connect(), server.connect()
+    assert roundtrip(first, b"1") == b"1" and roundtrip(second, b"2") == b"2"
+    third = server.connect()  # the kernel's backlog holds it
+    third.sendall(b"3")
+    third.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        third.recv(1)
+    first.close()
+    third.settimeout(10)
+    assert third.recv(1) == b"3"
+    second.close()
+    third.close()
 
 
 @pytest.mark.heavy

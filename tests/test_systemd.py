@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 from conftest import ServeFactory
-from support import NotifySocket, Server, command, exchange, free_port, roundtrip, wait_listening
+from support import NotifySocket, command, exchange, free_port, roundtrip, wait_listening
 
 
 def activate(argv: list[str], port: int, notify: NotifySocket | None = None) -> subprocess.Popen[bytes]:
@@ -24,6 +24,7 @@ def activate(argv: list[str], port: int, notify: NotifySocket | None = None) -> 
     assert tool, "systemd-socket-activate is missing: apt-get install systemd"
     # Like systemd, the tool passes on only the environment it is told to.
     setenv = [f"--setenv=NOTIFY_SOCKET={notify.path}"] if notify is not None else []
+    setenv += [f"--setenv={name}" for name in os.environ if name.startswith("COVERAGE_")]
     return subprocess.Popen([tool, f"--listen=127.0.0.1:{port}", *setenv, *argv], stderr=subprocess.PIPE)
 
 
@@ -88,8 +89,8 @@ def test_watchdog_pings_at_half_the_interval(serve: ServeFactory) -> None:
         if message and message.get("WATCHDOG") == "1":
             times.append(time.monotonic())
     assert len(times) == 5
-    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-    assert all(0.1 < gap < 0.35 for gap in gaps), gaps
+    gaps = sorted(later - earlier for earlier, later in itertools.pairwise(times))
+    assert 0.15 < gaps[len(gaps) // 2] < 0.3, gaps  # the median: a loaded machine delays some
 
 
 def test_watchdog_for_another_pid_is_ignored(serve: ServeFactory) -> None:
@@ -166,13 +167,12 @@ def test_sdnotify_is_the_fallback_without_python_systemd(tmp_path: Path) -> None
     notify.close()
 
 
-def test_second_sigint_is_still_graceful() -> None:
-    port = free_port()
-    server = Server([command("myecho"), "serve", "select", "--port", str(port), "--graceful-timeout", "30"], port)
-    server.wait_ready()
+def test_second_sigint_is_still_graceful(serve: ServeFactory) -> None:
+    server = serve("select", "--graceful-timeout", "30")
     sock = server.connect()
     server.signal(signal.SIGINT)
-    time.sleep(0.3)
+    assert server.notify is not None
+    server.notify.wait_for("STOPPING", "1")
     assert server.proc.poll() is None
     server.signal(signal.SIGINT)  # still graceful: a second ^C does not drop the client
     time.sleep(0.3)
