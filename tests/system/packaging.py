@@ -1,6 +1,6 @@
 """Host-side helpers of the package tests: build the .deb, read unit files.
 
-Kept apart from the tests so that test_units.py (no container) and
+Kept apart from the tests so that test_unit_files.py (no container) and
 test_package.py (booted containers) share them.
 """
 
