@@ -107,8 +107,8 @@ def test_xinetd_file() -> None:
     assert settings["disable"] == "yes"
     assert settings["user"] == "nobody"
     assert settings["bind"] == "127.0.0.1"
-    assert settings["server"] == "/usr/bin/myecho"
-    assert settings["server_args"] == "serve inetd"
+    assert settings["server"] == "/usr/bin/python3"
+    assert settings["server_args"] == "-I -S /usr/lib/python3/dist-packages/myecho/models/inetd.py"
     rate, _seconds_off = (int(n) for n in settings["cps"].split())
     assert rate > 50, "xinetd's default (50 a second) would turn the service off in a burst"
     assert int(settings["instances"]) > 50
