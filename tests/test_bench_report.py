@@ -192,6 +192,6 @@ def test_the_schema_catches_a_broken_document() -> None:
 def test_charts_when_matplotlib_is_there(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     written = report().write_charts(tmp_path)
-    assert sorted(p.name for p in written) == ["multi.png", "single.png", "throughput.png"]
+    assert sorted(p.name for p in written) == ["cost.png", "multi.png", "single.png", "throughput.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

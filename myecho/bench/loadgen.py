@@ -71,11 +71,13 @@ def round_trips(
             if result.get("event") == "start":
                 on_start()
             else:
+                proc.wait()  # it exits by itself right after its result
                 return result
         raise LoadError(f"{argv[0]} rr: no result (exit status {proc.wait()})")
     finally:
         timer.cancel()
-        proc.kill()
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
         proc.stdout.close()
         if proc.stderr is not None:

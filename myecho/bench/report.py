@@ -269,36 +269,60 @@ class Report:
 
     # ---- charts -------------------------------------------------------------
     def write_charts(self, directory: Path) -> list[Path]:
-        """One PNG per table (needs matplotlib: ``pip install 'myecho[bench]'``)."""
+        """One PNG per table (needs matplotlib: ``pip install 'myecho[bench]'``).
+
+        A missing bar is marked "n/a" (not measured, or the scenario failed:
+        the tables and notes say which).
+        """
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.axes import Axes
 
         directory.mkdir(parents=True, exist_ok=True)
         rows = self.rows_of()
         labels = [r.label for r in rows]
         written = []
+        Series = list[tuple[str, list[float | None]]]
 
-        def bars(
-            name: str, title: str, series: list[tuple[str, list[float | None]]], ylabel: str, log: bool = True
-        ) -> None:
-            fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(labels)), 4.8))
+        def draw(ax: Axes, title: str, series: Series, ylabel: str, log: bool) -> None:
             width = 0.8 / max(1, len(series))
             for k, (legend, values) in enumerate(series):
                 xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
                 ax.bar(xs, [v if v is not None else 0 for v in values], width, label=legend)
+                for x, v in zip(xs, values, strict=True):
+                    if v is None:
+                        ax.annotate(
+                            "n/a",
+                            (x, 0),
+                            xycoords=("data", "axes fraction"),
+                            xytext=(0, 3),
+                            textcoords="offset points",
+                            ha="center",
+                            rotation=90,
+                            fontsize=6,
+                            color="grey",
+                        )
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
             if log:
                 ax.set_yscale("log")
             ax.set_ylabel(ylabel)
-            ax.set_title(title)
-            ax.legend(fontsize=8)
+            ax.set_title(title, fontsize=10)
+            if len(series) > 1:
+                ax.legend(fontsize=8)
             ax.grid(axis="y", alpha=0.3)
+
+        def chart(name: str, panels: list[tuple[str, Series, str, bool]]) -> None:
+            fig, axes = plt.subplots(
+                len(panels), 1, figsize=(max(8.0, 1.1 * len(labels)), 4.8 * len(panels)), squeeze=False
+            )
+            for ax, (title, series, ylabel, log) in zip(axes[:, 0], panels, strict=True):
+                draw(ax, title, series, ylabel, log)
             fig.tight_layout()
             path = directory / f"{name}.png"
-            fig.savefig(path, dpi=110)
+            fig.savefig(path, dpi=100)
             plt.close(fig)
             written.append(path)
 
@@ -309,12 +333,9 @@ class Report:
                 out.append(summary.median * 1e6 if summary else None)
             return out
 
-        bars(
-            "single",
-            "Single connection (median, µs; log scale)",
-            [("connect", single("connect")), ("exchange 1", single("exchange1")), ("exchange 2", single("exchange2"))],
-            "µs",
-        )
+        chart("single", [("Single connection (median, µs; log scale)",
+                          [("connect", single("connect")), ("exchange 1", single("exchange1")),
+                           ("exchange 2", single("exchange2"))], "µs", True)])  # fmt: skip
 
         def multi(count: int, field: str) -> list[float | None]:
             out: list[float | None] = []
@@ -325,19 +346,38 @@ class Report:
             return out
 
         counts = sorted({m.connections for r in rows for m in r.multi})
-        series = []
+        times: Series = []
         for count in counts:
-            series += [(f"open {count}", multi(count, "open_s")), (f"{count} messages", multi(count, "messages_s"))]
-        bars("multi", "Multiple connections (median, ms; log scale; missing bar = fails)", series, "ms")
-        clients = sorted({t.clients for r in rows for t in r.throughput})
-        bars(
-            "throughput",
-            "Round trips per second by concurrent clients",
+            times += [(f"open {count}", multi(count, "open_s")), (f"{count} messages", multi(count, "messages_s"))]
+        maxima: Series = [("maximum", [float(r.ramp.maximum) if r.ramp else None for r in rows])]
+        chart(
+            "multi",
             [
-                (f"{n} clients", [(t.round_trips_per_s if (t := r.throughput_for(n)) else None) for r in rows])
-                for n in clients
+                ("Multiple connections (median, ms; log scale)", times, "ms", True),
+                ("Maximum concurrent connections, every echo correct", maxima, "connections", True),
             ],
-            "round trips / s",
-            log=False,
         )
+
+        clients = sorted({t.clients for r in rows for t in r.throughput})
+        rates: Series = [
+            (f"{n} clients", [(t.round_trips_per_s if (t := r.throughput_for(n)) else None) for r in rows])
+            for n in clients
+        ]
+        chart("throughput", [("Round trips per second by concurrent clients", rates, "round trips / s", False)])
+
+        big = max(counts, default=1000)
+        cpu: Series = [
+            ("per echo, 32 clients (µs)",
+             [(t.server_cpu_per_echo_s * 1e6 if (t := r.throughput_for(32)) and t.server_cpu_per_echo_s else None)
+              for r in rows]),
+            (f"per connection, {big} at once (µs)",
+             [(m.server_cpu_per_connection_s * 1e6 if (m := r.multi_for(big)) and m.server_cpu_per_connection_s
+               else None) for r in rows]),
+        ]  # fmt: skip
+        memory: Series = [
+            ("RSS sum", [(m.memory.rss_bytes / 2**20 if (m := r.multi_for(big)) and m.memory else None) for r in rows]),
+            ("PSS sum", [(m.memory.pss_bytes / 2**20 if (m := r.multi_for(big)) and m.memory else None) for r in rows]),
+        ]
+        chart("cost", [("Server CPU time (all its processes; log scale)", cpu, "µs", True),
+                       (f"Server memory with {big} connections open (log scale)", memory, "MiB", True)])  # fmt: skip
         return written

@@ -52,14 +52,24 @@ class Model:
 MODELS = (
     Model("c", "C (myecho-c)", "tcp", "the talk's C echo, fork per connection, corrected: the reference", True),
     Model("epoll", "C epoll (limit)", "tcp", "a minimal single-threaded C epoll echo: the limit", True),
-    Model("inetd-xinetd", "inetd by xinetd", "tcp", "myecho serve inetd under a private xinetd, cps lifted"),
+    Model(
+        "inetd-xinetd",
+        "inetd by xinetd",
+        "tcp",
+        "the inetd model (python3 -I -S inetd.py) under a private xinetd, cps lifted",
+    ),
     Model(
         "inetd-xinetd-cps50",
         "inetd by xinetd, cps 50",
         "tcp",
         "the same with xinetd's default rate limit (cps = 50 10): the talk's '< 120'",
     ),
-    Model("inetd-systemd", "inetd by systemd", "tcp", "myecho serve inetd behind systemd-socket-activate --inetd -a"),
+    Model(
+        "inetd-systemd",
+        "inetd by systemd",
+        "tcp",
+        "the inetd model behind systemd-socket-activate --inetd -a (Accept=yes)",
+    ),
     Model("fork", "fork", "tcp", "myecho serve fork: one child process per connection"),
     Model("select", "select", "tcp", "myecho serve select: one process, one epoll loop"),
     Model("zmq", "zmq", "zmq", "myecho serve zmq: ROUTER socket, measured with REQ clients"),
@@ -80,7 +90,7 @@ service myecho-bench
     bind        = 127.0.0.1
     port        = {port}
     server      = {server}
-    server_args = serve inetd
+    server_args = {server_args}
 {limits}}}
 """
 #: Lifted limits: what is measured is the model, not xinetd's rate limiting.
@@ -109,6 +119,15 @@ def myecho_command(name: str = "myecho") -> str:
     if beside.exists():
         return str(beside)
     return shutil.which(name) or name
+
+
+def inetd_command() -> list[str]:
+    """How the packaged xinetd file and myecho-inetd@.service start the inetd
+    model: the module file itself under ``python3 -I -S`` (no site
+    processing), the fastest start-up, which is every connection's delay."""
+    import myecho.models.inetd
+
+    return [sys.executable, "-I", "-S", str(Path(myecho.models.inetd.__file__).resolve())]
 
 
 def xinetd_path() -> str | None:
@@ -199,13 +218,18 @@ def launch_command(model: Model, port: int, workdir: Path) -> Launch:
         return Launch([myecho, "serve", model.name, *python_model], True)
     if model.name in ("asyncio", "uvloop"):
         return Launch([sys.executable, "-m", "myecho.bench.pyservers", model.name, "--port", str(port)], True)
+    inetd = inetd_command()
     if model.name == "inetd-systemd":
         tool = shutil.which("systemd-socket-activate") or "systemd-socket-activate"
-        return Launch([tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", myecho, "serve", "inetd"], False)
+        return Launch([tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", *inetd], False)
     if model.name.startswith("inetd-xinetd"):
         limits = "" if model.name.endswith("cps50") else XINETD_LIFTED
         config = workdir / "xinetd.conf"
-        config.write_text(XINETD_SERVICE.format(user=getpass.getuser(), port=port, server=myecho, limits=limits))
+        config.write_text(
+            XINETD_SERVICE.format(
+                user=getpass.getuser(), port=port, server=inetd[0], server_args=" ".join(inetd[1:]), limits=limits
+            )
+        )
         return Launch(
             [
                 xinetd_path() or "xinetd",
