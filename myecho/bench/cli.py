@@ -130,8 +130,10 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.start = time.monotonic()
         self.prefix = ""
+        self.busiest = 0.0
 
     def __call__(self, message: str) -> None:
+        self.busiest = max(self.busiest, procs.loadavg()[0])  # how shared the machine was, step by step
         if not self.enabled:
             return
         line = f"[{time.monotonic() - self.start:6.1f} s] {self.prefix}{message}"
@@ -238,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": "installed" if options.installed else "target" if targets else "local",
         "quick": bool(options.quick),
         "machine": machine(),
-        "load_average": {"start": list(load_start), "end": list(procs.loadavg())},
+        "load_average": {
+            "start": list(load_start),
+            "end": list(procs.loadavg()),
+            "max_1min": max(progress.busiest, load_start[0]),
+        },
         "settings": {
             "trials": settings.trials,
             "repeats": settings.repeats,
@@ -255,8 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(results, meta, with_talk=options.talk, with_ratios=options.ratios)
     sys.stdout.write(report.text())
     sys.stdout.write(
-        f"\n{meta['machine']['cores']} cores, {meta['machine']['cpu']}; load average "
-        f"{load_start[0]:.2f} at the start, {procs.loadavg()[0]:.2f} at the end; {meta['seconds']} s\n"
+        f"\n{meta['machine']['cores']} cores, {meta['machine']['cpu']}; load average {load_start[0]:.2f} at the "
+        f"start, {procs.loadavg()[0]:.2f} at the end, {meta['load_average']['max_1min']:.2f} at most; "
+        f"{meta['seconds']} s\n"
     )
     if options.json:
         report.write_json(options.json)
