@@ -23,6 +23,7 @@ def add_pattern_commands(commands: Any, parser_class: type[argparse.ArgumentPars
     """The ``pipeline`` and ``pubsub`` sub-commands of ``myecho``."""
     jobs_help = f"the jobs endpoint (default: {pipeline.JOBS}; the ventilator binds it); {rule}"
     results_help = f"the results endpoint (default: {pipeline.RESULTS}; the sink binds it); {rule}"
+    control_help = f"the sink's control endpoint (default: {pipeline.CONTROL}; the sink binds it); {rule}"
     pipe = commands.add_parser(
         "pipeline",
         help="the pipeline pattern: ventilator, workers, sink (PUSH/PULL)",
@@ -31,14 +32,29 @@ def add_pattern_commands(commands: Any, parser_class: type[argparse.ArgumentPars
         "workers, then the ventilator; or try 'myecho pipeline run'.",
     )
     roles = pipe.add_subparsers(dest="role", required=True, metavar="ROLE", parser_class=parser_class)
-    vent = roles.add_parser("ventilator", help="send one batch of jobs, then exit", description="Send one batch.")
+    vent = roles.add_parser(
+        "ventilator",
+        help="send one batch of jobs, wait for the sink's verdict",
+        description="Send one batch of jobs, wait for the sink's verdict; exit 0 iff exactly once.",
+    )
     vent.add_argument("--count", type=int, default=10000, metavar="N", help="jobs in the batch (default: 10000)")
     vent.add_argument("--size", type=int, default=16, metavar="BYTES", help="payload of each job (default: 16)")
     vent.add_argument("--jobs", action="append", metavar="URL", help=jobs_help)
-    vent.add_argument("--results", action="append", metavar="URL", help=results_help)
+    vent.add_argument("--control", action="append", metavar="URL", help=control_help)
     vent.add_argument("--hwm", type=int, default=10, metavar="N", help="jobs queued per worker (default: 10)")
     vent.add_argument(
-        "--timeout", type=float, default=30, metavar="SECONDS", help="give up when no worker takes a job (default: 30)"
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="wait until N workers are connected, so that all get a fair share (tcp, ipc; default: 0)",
+    )
+    vent.add_argument(
+        "--timeout",
+        type=float,
+        default=30,
+        metavar="SECONDS",
+        help="give up when no worker takes a job, or no verdict comes, for this long (default: 30)",
     )
     work = roles.add_parser(
         "worker", help="do jobs until SIGTERM", description="Take jobs, push results, until SIGTERM/SIGINT."
@@ -51,6 +67,7 @@ def add_pattern_commands(commands: Any, parser_class: type[argparse.ArgumentPars
         "sink", help="collect one batch and check it", description="Collect one batch; exit 0 iff exactly once."
     )
     sink.add_argument("--results", action="append", metavar="URL", help=results_help)
+    sink.add_argument("--control", action="append", metavar="URL", help=control_help)
     sink.add_argument(
         "--timeout", type=float, default=10, metavar="SECONDS", help="give up after this much silence (default: 10)"
     )
@@ -120,12 +137,13 @@ def run_pattern(options: dict[str, Any]) -> int:
     ok = True
     try:
         if command == "pipeline" and role == "ventilator":
-            report = pipeline.ventilate(context, o.count, o.size, o.jobs, o.results, o.hwm, o.timeout, stop)
+            report = pipeline.ventilate(context, o.count, o.size, o.jobs, o.control, o.hwm, o.timeout, stop, o.workers)
+            ok = bool(report["sink"] and report["sink"]["exactly_once"])
         elif command == "pipeline" and role == "worker":
             done = pipeline.work(context, o.jobs, o.results, o.cost / 1000, o.hwm, stop)
             report = {"done": done}
         elif command == "pipeline" and role == "sink":
-            report = pipeline.collect(context, o.results, o.timeout, o.settle, stop)
+            report = pipeline.collect(context, o.results, o.control, o.timeout, o.settle, stop)
             ok = report["exactly_once"]
         elif command == "pipeline":
             report = pipeline.run(o.workers, o.count, o.size, o.transport, o.cost / 1000)
@@ -141,6 +159,6 @@ def run_pattern(options: dict[str, Any]) -> int:
         print(f"myecho {command} {role}: {error}", file=sys.stderr)
         return 1
     finally:
-        context.term()  # each pattern closed its sockets; the ventilator's lingers till its jobs are out
+        context.term()
     print(json.dumps(report), flush=True)
     return 0 if ok else 1

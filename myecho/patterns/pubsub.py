@@ -43,7 +43,7 @@ import zmq
 from myecho.patterns.endpoints import BIND, CONNECT, attach
 
 Context = zmq.Context[zmq.Socket[bytes]]
-STREAM = "tcp://127.0.0.1:11148"
+STREAM = "tcp://127.0.0.1:11149"
 CONTROL = b"\xffmyecho/"
 END = CONTROL + b"end"
 HELLO = CONTROL + b"hello/"
