@@ -48,6 +48,8 @@ from myecho.settings import BROKER_BACKEND_PORT
 from myecho.sockets import format_address
 
 Context = zmq.Context[zmq.Socket[bytes]]
+GONE_MEMORY = 1024
+PROBES = (0.005, 0.02, 0.1)  # seconds after a disconnection
 
 
 class Request:
@@ -110,6 +112,7 @@ class Broker:
         self.nonce = os.urandom(8)
         self.counter = itertools.count()
         self.workers: dict[bytes, Worker] = {}
+        self.gone: OrderedDict[bytes, None] = OrderedDict()  # connections seen closing
         self.idle: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
         self.retries: deque[Request] = deque()
         self.pending: dict[bytes, deque[Request]] = {}  # per client, in arrival order
@@ -117,6 +120,7 @@ class Broker:
         self.retried = self.late = self.given_up = 0
         self.last_drop_log = 0.0
         self.next_heartbeat = 0.0
+        self.probes: list[float] = []  # when to heartbeat again after a disconnection
 
     # -- the pool -------------------------------------------------------------
     def join(self, worker_id: bytes) -> Worker:
@@ -171,8 +175,8 @@ class Broker:
                 self.backend.send_multipart(
                     [worker_id, mew.PROTOCOL, mew.REQUEST, request.id, *request.frames], zmq.NOBLOCK
                 )
-            except zmq.ZMQError as error:  # gone (EHOSTUNREACH) or stuck (EAGAIN)
-                self.leave(worker_id, error.strerror)
+            except zmq.ZMQError as error:  # gone (EHOSTUNREACH) or closing (EAGAIN)
+                self.lost(worker_id, error)
                 continue
             self.workers[worker_id].request = request
             request.worker = worker_id
@@ -245,6 +249,10 @@ class Broker:
             if command == mew.BYE:
                 self.leave(worker_id, "it said goodbye")
                 continue
+            if worker is None and worker_id in self.gone:  # its last words: a reply is welcome
+                if command == mew.REPLY and rest:
+                    self.on_reply(Worker(worker_id, 0.0), rest[0], rest[1:])
+                continue
             if worker is None:
                 worker = self.join(worker_id)
             elif command == mew.READY and worker.request is not None:
@@ -268,14 +276,23 @@ class Broker:
         self.deliver(request, frames)
 
     def heartbeat(self) -> None:
-        """HB to every worker; a send that fails finds the dead at once."""
+        """HB to every worker; a send that fails finds the dead at once.
+
+        EHOSTUNREACH: the connection is gone. EAGAIN: it is closing (libzmq
+        holds a dying pipe until its last messages are read), or the worker
+        left a thousand messages unread, which a live one never does."""
         for worker_id in list(self.workers):
             try:
                 self.backend.send_multipart([worker_id, mew.PROTOCOL, mew.HEARTBEAT], zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # its queue is full: silence will tell
             except zmq.ZMQError as error:
-                self.leave(worker_id, f"its connection is gone ({error.strerror})")
+                self.lost(worker_id, error)
+
+    def lost(self, worker_id: bytes, error: zmq.ZMQError) -> None:
+        """A worker whose connection is gone: it will not come back under this identity."""
+        self.leave(worker_id, f"its connection is gone ({error.strerror})")
+        self.gone[worker_id] = None
+        if len(self.gone) > GONE_MEMORY:
+            self.gone.popitem(last=False)
 
     def expire(self, now: float) -> None:
         for worker in list(self.workers.values()):
@@ -290,7 +307,9 @@ class Broker:
             except zmq.Again:
                 break
             lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
-        if lost:
+        if lost:  # libzmq drops the pipe a few hops after the event: look now, then again
+            now = time.monotonic()
+            self.probes = [now + delay for delay in PROBES]
             self.heartbeat()
         while True:
             try:
@@ -338,7 +357,7 @@ class Broker:
                 poller.register(self.frontend, zmq.POLLIN if want else 0)
                 reading = want
             now = time.monotonic()
-            wait = min(rt.timeout(), max(0.0, self.next_heartbeat - now))
+            wait = min(rt.timeout(), max(0.0, min([self.next_heartbeat, *self.probes]) - now))
             if rt.stopping:
                 wait = min(wait, DRAIN_IDLE)
             events = dict(poller.poll(int(wait * 1000)))
@@ -353,6 +372,9 @@ class Broker:
                 if rt.stopping:
                     detach(self.frontend, front_where)  # no new clients; answer what is in flight
             now = time.monotonic()
+            if self.probes and now >= self.probes[0]:
+                self.probes.pop(0)
+                self.heartbeat()
             if now >= self.next_heartbeat:
                 self.expire(now)
                 self.heartbeat()

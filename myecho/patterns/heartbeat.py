@@ -28,10 +28,12 @@ A peer silent for ``liveness`` intervals (``--liveness``, 3) is dead:
   holds none (it answers before it speaks again).
 
 A worker that crashes closes its connections: the broker's backend monitor
-sees the disconnection and heartbeats every worker at once; ROUTER_MANDATORY
-makes the send to the dead one fail (EHOSTUNREACH), so it leaves the pool
-within milliseconds. Only a hung worker (or a host gone without a FIN)
-costs ``liveness × interval``.
+sees the disconnection and heartbeats every worker at once, and again 5, 20
+and 100 ms later (libzmq drops the pipe a few hops after it reports the
+event); with ROUTER_MANDATORY the send to the dead one fails (EHOSTUNREACH,
+or EAGAIN while its pipe closes), so it leaves the pool within milliseconds
+and its request goes to another worker. Only a hung worker (or a host gone
+without a FIN) costs ``liveness × interval``.
 """
 
 from __future__ import annotations
