@@ -241,3 +241,16 @@ def rss_kib(pid: int) -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_status(server: Server, needle: str, timeout: float = 10.0) -> str:
+    """Wait for a STATUS= line, sent from now on, that contains ``needle``."""
+    assert server.notify is not None
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = server.notify.receive(min(left, 1.0))
+        if message is not None and needle in message.get("STATUS", ""):
+            return message["STATUS"]
+        if server.proc.poll() is not None:
+            break
+    raise AssertionError(f"no STATUS with {needle!r} in {timeout} s; stderr:\n{server.stderr}")

@@ -147,7 +147,7 @@ class EchoWorker:
             if self.sock in events and self.work():
                 attempt = 0
             now = time.monotonic()
-            if now >= self.heard + self.timing.patience and not self.stopping:
+            if now >= self.heard + self.timing.patience and not self.stopping and not self.last_chance():
                 self.restart(attempt)
                 attempt += 1
                 next_beat = time.monotonic() + self.timing.interval
@@ -158,6 +158,16 @@ class EchoWorker:
             if self.rt is not None:
                 self.rt.tick()
         self.leave()
+
+    def last_chance(self) -> bool:
+        """One more interval of listening before the broker counts as gone.
+
+        The silence may be ours: a worker stopped (SIGSTOP, a suspended VM)
+        wakes up with every deadline past, before libzmq's I/O thread has
+        read what the broker sent meanwhile. Then it answers what it holds,
+        late (the broker drops that answer if another worker gave it)."""
+        assert self.sock is not None
+        return bool(self.sock.poll(int(self.timing.interval * 1000), zmq.POLLIN) and self.work())
 
     def restart(self, attempt: int) -> None:
         """The broker is silent: start afresh (a bound worker just waits)."""
