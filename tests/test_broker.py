@@ -26,6 +26,13 @@ Context = zmq.Context[zmq.Socket[bytes]]
 FAST = ["--heartbeat", "0.2", "--liveness", "3"]  # a dead worker is noticed in 0.6 s
 
 
+def following(server: Server) -> Server:
+    """Its notify socket read all the time, as systemd does (see NotifySocket.follow)."""
+    assert server.notify is not None
+    server.notify.follow()
+    return server
+
+
 class Pool:
     """A broker on two free ports, and the workers started for it."""
 
@@ -39,13 +46,13 @@ class Pool:
 
     def start_broker(self, *extra: str) -> Server:
         argv = [command("myecho"), "serve", "broker", "--port", str(self.front), "--backend", self.backend]
-        server = Server([*argv, *self.beats, *extra], self.front)
+        server = following(Server([*argv, *self.beats, *extra], self.front))
         self.started.append(server)
         return server.wait_ready()
 
     def worker(self, *extra: str) -> Server:
         argv = [command("myecho"), "serve", "worker", "--connect", self.backend, *self.beats, *extra]
-        server = Server(argv, 0)
+        server = following(Server(argv, 0))
         self.started.append(server)
         return server.wait_ready()
 

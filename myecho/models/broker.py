@@ -137,7 +137,7 @@ class Broker:
         self.idle.pop(worker_id, None)
         request = worker.request
         held = ""
-        if request is not None:
+        if request is not None and not request.done:
             held = "; its request goes to another worker"
             self.retry(request)
         self.rt.log.info("worker %s left: %s (%d in the pool)%s", name(worker_id), why, len(self.workers), held)
