@@ -71,13 +71,17 @@ def run_service(options: dict[str, Any]) -> int:
     log = setup_logging(settings.model, settings.log_level, settings.log_file)
     runtime = Runtime(settings, listeners, Notifier(), log)
     runtime.listener_roles = roles
+    started = False
     try:
         model.serve(runtime)
-    except EndpointError as error:
-        log.error("%s", error)
+        started = True
+    except EndpointError as error:  # an endpoint it could not bind: nothing ran, one line says why
+        runtime.signals.close()
         return _fail(str(error), 1)
     except KeyboardInterrupt:  # a second ^C while stopping: stop now
+        started = True
         return 130
     finally:
-        runtime.finish()
+        if started:
+            runtime.finish()
     return 0

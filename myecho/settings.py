@@ -65,6 +65,13 @@ class Settings:
             raise SettingsError("heartbeat must be between 0.01 and 3600 seconds")
         if self.liveness < 1:
             raise SettingsError("liveness must be at least 1")
+        from myecho.patterns.endpoints import EndpointError, split
+
+        for spec in [*self.broker_frontend, *self.broker_backend, *filter(None, [self.worker_connect])]:
+            try:
+                split(spec, "")
+            except EndpointError as error:
+                raise SettingsError(str(error)) from None
         if self.graceful_timeout < 0:
             raise SettingsError("graceful-timeout must not be negative")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -10,7 +10,9 @@ connects). The same option may be given several times.
 
 from __future__ import annotations
 
-import zmq
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # myecho.service imports this module: no pyzmq for the other models
+    import zmq
 
 BIND, CONNECT = "@", ">"
 
@@ -35,6 +37,8 @@ def attach(sock: zmq.Socket[bytes], specs: list[str], default: str) -> list[str]
     Bound endpoints are returned as libzmq resolved them (a port 0 becomes
     the port chosen), connected ones with a leading ``>``.
     """
+    import zmq
+
     where = []
     for spec in specs:
         action, url = split(spec, default)
@@ -47,12 +51,14 @@ def attach(sock: zmq.Socket[bytes], specs: list[str], default: str) -> list[str]
                 where.append(CONNECT + url)
         except zmq.ZMQError as error:
             verb = "bind" if action == BIND else "connect"
-            raise EndpointError(f"cannot {verb} {url}: {error.strerror}") from error
+            raise EndpointError(f"cannot {verb} {url}: {zmq.strerror(error.errno)}") from error
     return where
 
 
 def detach(sock: zmq.Socket[bytes], where: list[str]) -> None:
     """Undo ``attach`` (unbind what was bound), ignoring what is already gone."""
+    import zmq
+
     for endpoint in where:
         try:
             if endpoint.startswith(CONNECT):
