@@ -51,7 +51,7 @@ def attach(sock: zmq.Socket[bytes], specs: list[str], default: str) -> list[str]
                 where.append(CONNECT + url)
         except zmq.ZMQError as error:
             verb = "bind" if action == BIND else "connect"
-            raise EndpointError(f"cannot {verb} {url}: {zmq.strerror(error.errno)}") from error
+            raise EndpointError(f"cannot {verb} {url}: {zmq.strerror(error.errno or 0)}") from error
     return where
 
 
