@@ -7,7 +7,7 @@ PYTHON  ?= /usr/bin/python3
 VENV    ?= .venv
 TOX     := $(VENV)/bin/tox
 APT_DEPS := python3-venv python3-dev gcc libc6-dev make pkg-config libsystemd-dev \
-            systemd xinetd socat php-cli php-zmq
+            systemd xinetd socat php-cli php-zmq iproute2
 
 .PHONY: deps venv check test lint type demo clean
 

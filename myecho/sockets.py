@@ -46,10 +46,11 @@ def from_systemd_named() -> list[tuple[str, socket.socket]]:
 def broker_roles(names: list[str]) -> list[str]:
     """Which of systemd's sockets is the broker's frontend, which its backend.
 
-    By FileDescriptorName= ("frontend", "backend"), else by position: the
-    first is the frontend, the second the backend.
+    By FileDescriptorName= ("frontend", "backend") when every socket has its
+    own, else by position (a socket unit names all its sockets alike): the
+    first ListenStream= is the frontend, the second the backend.
     """
-    if set(names) <= {"frontend", "backend"}:
+    if len(set(names)) == len(names) and set(names) <= {"frontend", "backend"}:
         return list(names)
     return ["frontend", "backend"][: len(names)] + ["frontend"] * (len(names) - 2)
 

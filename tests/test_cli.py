@@ -111,3 +111,13 @@ def test_broker_and_worker_settings_from_the_file(tmp_path: Path) -> None:
     worker = make_settings({"model": "worker", "config": config})
     assert worker.worker_connect == "tcp://broker.example:11145"
     assert make_settings({"model": "broker"}).port == 11144
+
+
+def test_which_of_systemds_sockets_is_the_brokers_backend() -> None:
+    from myecho.sockets import broker_roles
+
+    assert broker_roles(["backend", "frontend"]) == ["backend", "frontend"]
+    assert broker_roles(["backend"]) == ["backend"]
+    assert broker_roles(["myecho@broker.socket", "myecho@broker.socket"]) == ["frontend", "backend"]
+    assert broker_roles(["frontend", "frontend"]) == ["frontend", "backend"]  # one name for the whole unit
+    assert broker_roles(["a", "b", "c"]) == ["frontend", "backend", "frontend"]

@@ -19,9 +19,10 @@ A peer silent for ``liveness`` intervals (``--liveness``, 3) is dead:
 
 - the broker drops the worker from its pool, and the request it held goes
   back to the head of the queue, for the next free worker;
-- the worker closes its socket, waits (one interval, doubling up to eight)
-  and opens a fresh one with a new identity, then says READY: a restarted
-  broker is found again. libzmq's own reconnection is usually faster: a
+- the worker listens for one more interval (the silence may be its own: a
+  worker woken from SIGSTOP answers what it holds, late), then closes its
+  socket, waits (one interval, doubling up to eight), opens a fresh one
+  with a new identity and says READY: a restarted broker is found again. libzmq's own reconnection is usually faster: a
   broker back on the same endpoint gets the worker's next HB, and a HB
   from a worker it does not know registers it as free. That is sound
   because a worker holds at most one request and only speaks when it
