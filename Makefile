@@ -1,7 +1,10 @@
 # The two commands of the README:
 #   make demo    the main job: build, start every model, show each answering
-#   make check   the tests (unit, integration over loopback, lint, types)
+#   make check   the tests (unit, integration over loopback, lint, types), then
+#                the Debian package (built, lintian-clean) in a booted systemd
 # Both install what they need first when run as root on Debian 12.
+# Also: make deb (dist/myecho_VERSION_ARCH.deb, then lintian), make lintian,
+#       make system (the system tests alone, on the package make deb built).
 
 PYTHON  ?= /usr/bin/python3
 VENV    ?= .venv
@@ -9,7 +12,12 @@ TOX     := $(VENV)/bin/tox
 APT_DEPS := python3-venv python3-dev gcc libc6-dev make pkg-config libsystemd-dev \
             systemd xinetd socat php-cli php-zmq iproute2
 
-.PHONY: deps venv check test lint type demo clean
+# The package: its version from debian/changelog (no dpkg-dev needed yet).
+DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
+DEB_ARCH    := $(shell dpkg --print-architecture)
+DEB         := dist/myecho_$(DEB_VERSION)_$(DEB_ARCH).deb
+
+.PHONY: deps venv check test lint type demo clean deb deb-deps lintian system
 
 deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -28,10 +36,36 @@ venv: deps $(VENV)/bin/activate
 
 check: venv
 	$(TOX) -e lint,type,py -- tests --ignore=tests/system
+	$(MAKE) --no-print-directory deb
+	MYECHO_DEB=$(CURDIR)/$(DEB) $(TOX) -e system
+
+# The system tests alone (boot Debian 12 containers; root), on the built .deb.
+system: venv deb
+	MYECHO_DEB=$(CURDIR)/$(DEB) $(TOX) -e system
+
+# Build dependencies from debian/control: apt-get build-dep when root.
+deb-deps:
+	@if command -v dpkg-checkbuilddeps >/dev/null && dpkg-checkbuilddeps 2>/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make: installing the build dependencies of debian/control"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	        apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null; \
+	else dpkg-checkbuilddeps; fi
+
+# dist/myecho_VERSION_ARCH.deb, built in a scratch copy of the tree, then lintian.
+deb: deb-deps
+	tools/build-deb dist
+	@$(MAKE) --no-print-directory lintian
+
+# No error, no warning allowed; info and pedantic tags are shown.
+lintian:
+	@command -v lintian >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lintian >/dev/null; }
+	lintian --fail-on error,warning --display-info --pedantic $(DEB)
 
 demo: venv
 	$(VENV)/bin/pip install -q '.[systemd]'
 	$(VENV)/bin/python benchmarks/demo.py
 
 clean:
-	rm -rf build dist *.egg-info .tox $(VENV) .coverage .coverage.*
+	rm -rf build dist *.egg-info .tox $(VENV) .coverage .coverage.* .pybuild

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -187,6 +187,23 @@ def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[byte
         except OSError:
             time.sleep(0.02)
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll for something another process does in its own time."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout} s")
+        time.sleep(0.02)
+
+
+def refused(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 def random_bytes(size: int, seed: int = 862) -> bytes:

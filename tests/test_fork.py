@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ServeFactory
-from support import children_of, command, exchange, free_port, roundtrip, wait_listening, zombies_of
+from support import children_of, command, exchange, free_port, roundtrip, wait_listening, wait_until, zombies_of
 
 
 @pytest.mark.parametrize("model", ["fork", "c"])
@@ -84,16 +84,13 @@ def test_daemon_mode_detaches_and_writes_a_pidfile(tmp_path: Path) -> None:
     result = subprocess.run([command("myecho"), "serve", "fork", "--port", str(port), "--daemon",
                              "--pidfile", str(pidfile), "--log-file", str(log)], timeout=10)
     assert result.returncode == 0  # the shell gets its prompt back
-    wait_listening(port)
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() and time.monotonic() < deadline:  # written by the daemon, after the bind
-        time.sleep(0.02)
+    wait_listening(port)  # bound before detaching; the pidfile and log come after
+    wait_until(lambda: log.exists() and "serving on" in log.read_text(), what="the daemon's log line")
     pid = int(pidfile.read_text())
     try:
         # A session of its own, and not its leader: it can never get a terminal back.
         assert os.getsid(pid) not in (os.getsid(0), pid)
         assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
-        assert "serving on" in log.read_text()
         import socket
 
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:

@@ -89,8 +89,8 @@ def test_watchdog_pings_at_half_the_interval(serve: ServeFactory) -> None:
         if message and message.get("WATCHDOG") == "1":
             times.append(time.monotonic())
     assert len(times) == 5
-    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
-    assert all(0.1 < gap < 0.35 for gap in gaps), gaps
+    gaps = sorted(later - earlier for earlier, later in itertools.pairwise(times))
+    assert 0.15 < gaps[len(gaps) // 2] < 0.3, gaps  # the median: a loaded machine delays some
 
 
 def test_watchdog_for_another_pid_is_ignored(serve: ServeFactory) -> None:
@@ -171,7 +171,8 @@ def test_second_sigint_is_still_graceful(serve: ServeFactory) -> None:
     server = serve("select", "--graceful-timeout", "30")
     sock = server.connect()
     server.signal(signal.SIGINT)
-    time.sleep(0.3)
+    assert server.notify is not None
+    server.notify.wait_for("STOPPING", "1")
     assert server.proc.poll() is None
     server.signal(signal.SIGINT)  # still graceful: a second ^C does not drop the client
     time.sleep(0.3)

@@ -11,14 +11,13 @@ speaks to systemd, and reports its figures to the parent through a pipe.
 
 import contextlib
 import ctypes
-import errno
 import os
 import selectors
 import signal
 import socket
 import struct
-import time
 
+from myecho.accepting import LISTENER, Acceptor
 from myecho.echo import echo_fds
 from myecho.runtime import Runtime
 from myecho.sockets import describe
@@ -27,7 +26,6 @@ from myecho.sockets import describe
 #: PIPE_BUF, so reports from many children never interleave.
 REPORT = struct.Struct("=QQ")
 PR_SET_PDEATHSIG = 1
-ACCEPT_BACKOFF = 0.1
 
 
 def _die_with_parent() -> None:
@@ -46,33 +44,14 @@ class ForkServer:
         self.children: set[int] = set()
         self.selector = selectors.DefaultSelector()
         self.reports_r, self.reports_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.accepting = False
-        self.paused_until = 0.0
+        self.acceptor = Acceptor(self.selector, runtime)
         self.terminated = False
 
-    # -- accepting ----------------------------------------------------------
-    def set_accepting(self, wanted: bool) -> None:
-        if wanted == self.accepting:
-            return
-        for sock in self.rt.listeners:
-            if wanted:
-                self.selector.register(sock, selectors.EVENT_READ, "listener")
-            else:
-                self.selector.unregister(sock)
-        self.accepting = wanted
+    def room(self) -> bool:
+        return len(self.children) < self.rt.settings.max_children
 
     def accept(self, listener: socket.socket) -> None:
-        while len(self.children) < self.rt.settings.max_children:
-            try:
-                conn, _ = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.rt.log.warning("accept: %s; pausing %.1f s", error.strerror, ACCEPT_BACKOFF)
-                    self.set_accepting(False)
-                    self.paused_until = time.monotonic() + ACCEPT_BACKOFF
-                return
+        while self.room() and (conn := self.acceptor.accept(listener)) is not None:
             self.spawn(conn)
 
     def spawn(self, conn: socket.socket) -> None:
@@ -151,39 +130,26 @@ class ForkServer:
     # -- the loop ---------------------------------------------------------------
     def serve(self) -> None:
         rt = self.rt
-        for sock in rt.listeners:
-            sock.setblocking(False)
         self.selector.register(rt.signals, selectors.EVENT_READ, "signals")
         self.selector.register(self.reports_r, selectors.EVENT_READ, "reports")
-        self.set_accepting(True)
+        self.acceptor.update(room=True)
         rt.ready(", ".join(describe(sock) for sock in rt.listeners))
         while not (rt.stopping and not self.children):
-            timeout = rt.timeout()
-            pause_left = self.paused_until - time.monotonic()
-            if pause_left > 0:
-                timeout = min(timeout, pause_left)
-            events = self.selector.select(timeout)
-            for key, _ in events:
-                if key.data == "listener":
+            for key, _ in self.selector.select(self.acceptor.timeout(rt.timeout())):
+                if key.data == LISTENER:
                     self.accept(key.fileobj)  # type: ignore[arg-type]
                 elif key.data == "signals":
                     rt.on_signals()
                 else:
                     self.read_reports()
             self.reap()
-            if rt.stopping:
-                self.set_accepting(False)
-                rt.close_listeners()
-                if rt.grace_expired() and not self.terminated:
-                    self.terminate_children()
-            else:
-                room = len(self.children) < rt.settings.max_children
-                self.set_accepting(room and time.monotonic() >= self.paused_until)
+            self.acceptor.update(self.room())
+            if rt.grace_expired() and not self.terminated:
+                self.terminate_children()
             rt.tick()
         self.read_reports()
         self.selector.close()
-        for sock in rt.listeners:
-            sock.close()
+        rt.close_listeners()
 
 
 def serve(runtime: Runtime) -> None:

@@ -12,17 +12,15 @@ The talk's "mono" daemon, cured of the weaknesses it listed:
 """
 
 import contextlib
-import errno
 import selectors
 import socket
-import time
 
+from myecho.accepting import LISTENER, Acceptor
 from myecho.runtime import Runtime
 from myecho.sockets import describe, raise_fd_limit
 
 CHUNK = 65536
 ACCEPT_BATCH = 128
-ACCEPT_BACKOFF = 0.1
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
 
@@ -44,35 +42,19 @@ class SelectServer:
         self.rt = runtime
         self.selector = selectors.DefaultSelector()
         self.connections: dict[int, Connection] = {}
-        self.accepting = False
-        self.paused_until = 0.0
+        self.acceptor = Acceptor(self.selector, runtime)
 
-    # -- accepting ----------------------------------------------------------
-    def set_accepting(self, wanted: bool) -> None:
-        if wanted == self.accepting:
-            return
-        for sock in self.rt.listeners:
-            if wanted:
-                self.selector.register(sock, READ, None)
-            else:
-                self.selector.unregister(sock)
-        self.accepting = wanted
+    def room(self) -> bool:
+        return len(self.connections) < self.rt.settings.max_connections
 
     def accept(self, listener: socket.socket) -> None:
+        """A bounded batch, so a flood of connections cannot starve the echoes."""
         for _ in range(ACCEPT_BATCH):
-            if len(self.connections) >= self.rt.settings.max_connections:
-                self.set_accepting(False)
+            if not self.room():
                 return
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
+            sock = self.acceptor.accept(listener)
+            if sock is None:
                 return
-            except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.rt.log.warning("accept: %s; pausing %.1f s", error.strerror, ACCEPT_BACKOFF)
-                    self.paused_until = time.monotonic() + ACCEPT_BACKOFF
-                    self.set_accepting(False)
-                return  # ECONNABORTED and the like: the next event will do
             sock.setblocking(False)
             conn = Connection(sock)
             self.connections[sock.fileno()] = conn
@@ -154,42 +136,30 @@ class SelectServer:
         limit = raise_fd_limit()
         if "max_connections" not in rt.settings.explicit:  # stay clear of EMFILE by default
             rt.settings.max_connections = min(rt.settings.max_connections, max(1, limit - 16))
-        for sock in rt.listeners:
-            sock.setblocking(False)
         self.selector.register(rt.signals, READ, "signals")
-        self.set_accepting(True)
+        self.acceptor.update(room=True)
         rt.ready(", ".join(describe(sock) for sock in rt.listeners))
         select = self.selector.select
         while not (rt.stopping and not self.connections):
-            timeout = rt.timeout()
-            pause_left = self.paused_until - time.monotonic()
-            if pause_left > 0:
-                timeout = min(timeout, pause_left)
-            for key, mask in select(timeout):
+            for key, mask in select(self.acceptor.timeout(rt.timeout())):
                 conn = key.data
-                if conn is None:
-                    self.accept(key.fileobj)  # type: ignore[arg-type]
-                elif conn == "signals":
-                    rt.on_signals()
-                else:
+                if type(conn) is Connection:  # the common case first
                     if mask & READ:
                         self.on_readable(conn)
                     if mask & WRITE and conn.sock.fileno() in self.connections:
                         self.on_writable(conn)
-            if rt.stopping:
-                self.set_accepting(False)
-                rt.close_listeners()
-                if rt.grace_expired():
-                    rt.log.info("grace period over: closing %d connections", len(self.connections))
-                    for conn in list(self.connections.values()):
-                        self.close(conn)
-            elif not self.accepting:
-                room = len(self.connections) < rt.settings.max_connections
-                self.set_accepting(room and time.monotonic() >= self.paused_until)
+                elif conn == LISTENER:
+                    self.accept(key.fileobj)  # type: ignore[arg-type]
+                else:
+                    rt.on_signals()
+            self.acceptor.update(self.room())
+            if rt.grace_expired() and self.connections:
+                rt.log.info("grace period over: closing %d connections", len(self.connections))
+                for conn in list(self.connections.values()):
+                    self.close(conn)
             rt.tick()
         self.selector.close()
-        for sock in rt.listeners:
-            sock.close()
+        rt.close_listeners()
 
 
 def serve(runtime: Runtime) -> None:

@@ -56,8 +56,11 @@ def pytest_runtest_makereport(
     the container is gone by the time anyone reads it."""
     outcome = yield
     report = outcome.get_result()
-    booted = getattr(item, "funcargs", {}).get("container")
-    if report.when != "call" or not report.failed or not isinstance(booted, Container):
+    booted = next(
+        (v for v in getattr(item, "funcargs", {}).values() if isinstance(v, Container)),
+        None,
+    )
+    if report.when != "call" or not report.failed or booted is None:
         return
     if not booted.running:
         report.sections.append(("container console", booted.console_output()[-20000:]))

@@ -1,0 +1,114 @@
+"""The source units and the xinetd file, checked on the host (no container).
+
+systemd 252's systemd-analyze works without systemd as PID 1: --offline
+scoring and verify read the unit files themselves.  The same scores are
+checked again on the installed units in a booted system (test_package.py).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .packaging import MAX_EXPOSURE, MODELS, PORTS, REPO, SERVICES, SYSTEMD_DIR, offline_exposure, unit_root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return unit_root(tmp_path_factory.mktemp("units"))
+
+
+@pytest.mark.parametrize("unit", SERVICES)
+def test_source_unit_exposure(root: Path, unit: str) -> None:
+    score = offline_exposure(root, unit)
+    print(f"{unit}: exposure {score} (offline, source)")
+    assert score < MAX_EXPOSURE
+
+
+def _verify(tmp_path: Path, names: list[str]) -> str:
+    """systemd-analyze verify on instances of the source units (symlinks named
+    like the instance, so systemd reads the template and its drop-ins)."""
+    work = tmp_path / "verify"
+    work.mkdir()
+    for path in SYSTEMD_DIR.iterdir():
+        (work / path.name).symlink_to(path)
+    for name in names:
+        template = re.sub(r"@[^.]+\.", "@.", name)
+        if not (work / name).exists():
+            (work / name).symlink_to(SYSTEMD_DIR / template)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *(str(work / n) for n in names)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout + result.stderr
+
+
+def test_source_units_verify(tmp_path: Path) -> None:
+    """No unknown key, no bad setting: only the commands the package installs
+    are missing on this host."""
+    names = [
+        *(f"myecho@{m}.service" for m in MODELS),
+        *(f"myecho@{m}.socket" for m in MODELS),
+        "myecho-inetd.socket",
+        "myecho-inetd@0.service",
+        "myecho.target",
+    ]
+    output = _verify(tmp_path, names)
+    complaints = [
+        line
+        for line in output.splitlines()
+        if line.strip() and not re.search(r"Command /usr/bin/myecho(-c)? is not executable", line)
+    ]
+    assert not complaints, output
+
+
+def test_socket_instance_needs_its_drop_in(tmp_path: Path) -> None:
+    """DESIGN.md: a model without a listen.conf is refused, on purpose."""
+    assert "bad unit file setting" in _verify(tmp_path, ["myecho@nosuch.socket"])
+
+
+def test_socket_drop_ins_listen_on_loopback_ports() -> None:
+    for model in MODELS:
+        text = (SYSTEMD_DIR / f"myecho@{model}.socket.d" / "listen.conf").read_text()
+        assert f"ListenStream=127.0.0.1:{PORTS[model]}\n" in text
+    assert "ListenStream=127.0.0.1:11143\n" in (SYSTEMD_DIR / "myecho-inetd.socket").read_text()
+
+
+def test_package_ships_every_unit_file() -> None:
+    """systemd/ is the source of truth: debian/myecho.install must list all of it."""
+    listed = {
+        line.split()[0]
+        for line in (REPO / "debian" / "myecho.install").read_text().splitlines()
+        if line.startswith("systemd/")
+    }
+    shipped = {str(path.relative_to(REPO)) for path in SYSTEMD_DIR.iterdir()}
+    assert listed == shipped
+
+
+def _xinetd_settings() -> dict[str, str]:
+    text = (REPO / "xinetd" / "myecho").read_text()
+    body = text[text.index("{") + 1 : text.index("}")]
+    settings = {}
+    for line in body.splitlines():
+        if "=" in line:
+            key, _, value = line.partition("=")
+            settings[key.strip()] = " ".join(value.split())
+    return settings
+
+
+def test_xinetd_file() -> None:
+    settings = _xinetd_settings()
+    assert settings["port"] == str(PORTS["inetd-xinetd"])
+    assert settings["disable"] == "yes"
+    assert settings["user"] == "nobody"
+    assert settings["bind"] == "127.0.0.1"
+    assert settings["server"] == "/usr/bin/python3"
+    assert settings["server_args"] == "-I -S /usr/lib/python3/dist-packages/myecho/models/inetd.py"
+    rate, _seconds_off = (int(n) for n in settings["cps"].split())
+    assert rate > 50, "xinetd's default (50 a second) would turn the service off in a burst"
+    assert int(settings["instances"]) > 50
