@@ -346,3 +346,77 @@ def test_kill_under_load_nothing_lost_nothing_twice() -> None:
     assert result["answered"] == result["sent"] > 100
     assert (result["lost"], result["duplicates"], result["strays"]) == (0, 0, 0)
     assert result["added_ms"] is not None and result["added_ms"] < 1000
+
+
+def test_a_worker_started_before_its_broker(pool: Callable[..., Pool], context: Context) -> None:
+    """The worker gives up on the silence, starts afresh (backoff), and finds the broker when it comes."""
+    backend = f"tcp://127.0.0.1:{free_port()}"
+    worker = following(Server([command("myecho"), "serve", "worker", "--connect", backend,
+                               "--heartbeat", "0.1", "--liveness", "2"], 0)).wait_ready()
+    try:
+        deadline = time.monotonic() + 10
+        while "broker silent for" not in worker.stderr and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "reconnecting (attempt 1)" in worker.stderr
+        time.sleep(0.5)  # a few more attempts, with backoff
+        p = pool(0, beats=["--heartbeat", "0.1", "--liveness", "2"])
+        p.broker.stop()
+        p.backend = backend
+        p.broker = p.start_broker()
+        p.workers(1)
+        client = req(context, p.url)
+        client.send(b"found you")
+        assert client.recv() == b"found you"
+        assert worker.stop() == 0
+    finally:
+        worker.kill()
+
+
+def test_the_protocol_with_fake_workers(pool: Callable[..., Pool], context: Context) -> None:
+    """DEALER sockets speaking MEW1 by hand: what real workers rarely do."""
+    p = pool(0, beats=["--heartbeat", "5"])  # the fakes send no heartbeats
+
+    def fake() -> zmq.Socket[bytes]:
+        sock = dealer(context, p.backend)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.send_multipart([b"MEW1", b"READY"])
+        return sock
+
+    def request_of(sock: zmq.Socket[bytes]) -> list[bytes]:
+        while True:
+            frames = sock.recv_multipart()
+            if frames[1] == b"REQ":
+                return frames
+
+    noise = dealer(context, p.backend)
+    noise.send_multipart([b"HTTP/1.0", b"GET /"])  # not MEW1: ignored
+    client = dealer(context, p.url)
+
+    # A poison request: every worker that takes it dies. The fifth death gives it up.
+    client.send_multipart([b"", b"poison"])
+    for _ in range(5):
+        victim = fake()
+        assert request_of(victim)[4] == b"poison"
+        victim.close(linger=0)
+    status = wait_status(p.broker, "dropped")
+    assert "1 dropped" in status and "4 retried" in status
+    assert not client.poll(200)
+
+    # A worker that says READY while it holds a request has restarted: the request goes elsewhere.
+    amnesic = fake()
+    client.send_multipart([b"", b"again"])
+    held = request_of(amnesic)
+    assert held[4] == b"again"
+    helper = fake()
+    assert "2 workers (1 busy)" in wait_status(p.broker, "2 workers")
+    amnesic.send_multipart([b"MEW1", b"READY"])
+    retried = request_of(helper)  # free for longer than the amnesic one: least recently used
+    helper.send_multipart([b"MEW1", b"REP", retried[2], *retried[3:]])
+    assert client.poll(5000)
+    assert client.recv_multipart() == [b"", b"again"]
+    amnesic.send_multipart([b"MEW1", b"REP", held[2], *held[3:]])  # too late: dropped, counted
+    amnesic.send_multipart([b"MEW1", b"REP", b"no such request"])
+    assert "2 late replies dropped" in wait_status(p.broker, "late")
+    assert not client.poll(300)
+    for sock in (amnesic, helper, noise, client):
+        sock.close(linger=0)

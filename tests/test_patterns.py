@@ -52,6 +52,7 @@ def test_endpoint_specs(context: Context) -> None:
         split("localhost:11144", "@")
     sock = context.socket(zmq.PULL)
     assert attach(sock, ["tcp://127.0.0.1:*"], "@")[0].startswith("tcp://127.0.0.1:")
+    assert attach(sock, ["tcp://[::1]:*"], "@")[0].startswith("tcp://[::1]:")
     with pytest.raises(EndpointError, match="cannot bind"):
         attach(sock, ["tcp://192.0.2.1:1"], "@")  # not an address of this host
     sock.close()

@@ -75,7 +75,9 @@ class Worker:
 
 
 def name(worker_id: bytes) -> str:
-    return worker_id.decode(errors="replace")
+    """A worker's identity for the log: ours are host/pid/n, others get hex."""
+    text = worker_id.decode(errors="replace")
+    return text if text.isprintable() else worker_id.hex()
 
 
 def default_endpoints(runtime: Runtime) -> tuple[list[str], list[str]]:
@@ -103,11 +105,9 @@ class Broker:
         self.frontend.setsockopt(zmq.SNDHWM, HIGH_WATER)
         self.frontend.setsockopt(zmq.RCVHWM, HIGH_WATER)
         self.frontend.setsockopt(zmq.BACKLOG, settings.backlog)
-        self.frontend.setsockopt(zmq.IPV6, 1)
         self.backend = self.context.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.backend.setsockopt(zmq.IPV6, 1)
         self.backend.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + mew.ENVELOPE)
         self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.back_monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)

@@ -75,7 +75,6 @@ class EchoWorker:
         sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + mew.ENVELOPE)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IPV6, 1)
         where = attach(sock, [self.action + self.url], CONNECT)
         self.sock = sock
         self.poller.register(sock, zmq.POLLIN)

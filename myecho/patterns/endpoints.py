@@ -42,6 +42,8 @@ def attach(sock: zmq.Socket[bytes], specs: list[str], default: str) -> list[str]
     where = []
     for spec in specs:
         action, url = split(spec, default)
+        if "://[" in url:  # an IPv6 address: libzmq wants to be told
+            sock.setsockopt(zmq.IPV6, 1)
         try:
             if action == BIND:
                 sock.bind(url)
