@@ -117,7 +117,7 @@ def test_pipeline_as_processes() -> None:
     """Sink, two worker processes and the ventilator: the commands, over tcp."""
     report = measure.pipeline_rate(workers=2, jobs=4000, transport="tcp")
     assert report["exactly_once"] and report["done"] == 4000, report
-    assert len(report["workers"]) == 2
+    assert report["workers"] == len(report["per_worker"]) == 2
 
 
 def test_pipeline_commands_fail_in_one_line() -> None:

@@ -291,6 +291,7 @@ def pipeline_rate(workers: int = 2, jobs: int = 20000, transport: str = "ipc") -
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
             proc.wait(15)
+    verdict["per_worker"] = verdict.pop("workers")
     return {"workers": workers, "transport": transport, **verdict}
 
 
