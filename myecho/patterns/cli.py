@@ -109,6 +109,13 @@ def add_pattern_commands(commands: Any, parser_class: type[argparse.ArgumentPars
     pub.add_argument(
         "--hwm", type=int, default=1000, metavar="N", help="messages queued per subscriber, then dropped (1000)"
     )
+    pub.add_argument(
+        "--linger",
+        type=float,
+        default=5,
+        metavar="SECONDS",
+        help="repeat END until every subscriber left, at most this long (default: 5)",
+    )
     sub = roles.add_parser(
         "subscriber", help="receive until the publisher's END", description="Receive, count, report drops."
     )
@@ -151,7 +158,7 @@ def run_pattern(options: dict[str, Any]) -> int:
         elif role == "publisher":
             topics = o.topic or ["news"]
             report = pubsub.publish(
-                context, o.count, topics, o.subscribers, o.stream, o.size, o.rate, o.hwm, o.wait, stop
+                context, o.count, topics, o.subscribers, o.stream, o.size, o.rate, o.hwm, o.wait, stop, o.linger
             )
         else:
             report = pubsub.subscribe(context, o.topic or [], o.stream, o.delay / 1000, o.hwm, o.timeout, stop)

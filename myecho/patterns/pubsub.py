@@ -22,14 +22,18 @@ the kernel's buffers); when it is full, libzmq drops that subscriber's
 messages, and only that subscriber's. Drops are counted where they can
 be seen: at the subscriber, from gaps in each topic's sequence numbers,
 logged as they happen and reported at the end, when the publisher's END
-message (``\\xffmyecho/end``, repeated for a second, with every topic's
-count) also reveals the messages lost at the tail. A subscriber that
-misses every END stops after ``timeout`` seconds of silence and says so
+message (``\\xffmyecho/end``, with every topic's count) also reveals the
+messages lost at the tail. END is repeated every 0.1 s until every
+subscriber has left (a subscriber leaves on END; the XPUB socket sees its
+hello withdrawn), for at most ``linger`` seconds (5): a slow subscriber
+that drains its queue within that time still gets it. One that misses
+every END stops after ``timeout`` seconds of silence and says so
 (``end_seen``: false).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -47,7 +51,7 @@ STREAM = "tcp://127.0.0.1:11149"
 CONTROL = b"\xffmyecho/"
 END = CONTROL + b"end"
 HELLO = CONTROL + b"hello/"
-END_EVERY, END_FOR = 0.1, 1.0
+END_EVERY, END_AT_LEAST = 0.1, 3
 TICK = 0.1
 log = logging.getLogger("myecho")
 
@@ -67,6 +71,7 @@ def publish(
     hwm: int = 1000,
     wait: float = 30.0,
     stop: threading.Event | None = None,
+    linger: float = 5.0,
 ) -> dict[str, Any]:
     """Publish ``count`` messages over ``topics`` in turn, once ``subscribers`` are in."""
     stop = stop or threading.Event()
@@ -75,7 +80,9 @@ def publish(
     published: Counter[str] = Counter()
     try:
         attach(pub, stream or [STREAM], BIND)
-        present = gather(pub, subscribers, wait, stop)
+        hellos: set[bytes] = set()
+        gather(pub, hellos, subscribers, wait, stop)
+        present = len(hellos)
         started = time.monotonic()
         body = b"." * size
         names = [topic.encode() for topic in topics]
@@ -90,10 +97,12 @@ def publish(
                 time.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
         seconds = time.monotonic() - started
         totals = json.dumps(dict(published)).encode()
-        ends = int(END_FOR / END_EVERY)
-        for n in range(ends):
+        deadline = time.monotonic() + linger
+        for n in itertools.count():  # END until every subscriber left (or linger ends)
             pub.send_multipart([END, totals])
-            if n + 1 < ends and stop.wait(END_EVERY):
+            time.sleep(END_EVERY)
+            gather(pub, hellos, 0, 0, stop)
+            if stop.is_set() or time.monotonic() >= deadline or (n >= END_AT_LEAST and not hellos):
                 break
     finally:
         pub.close(linger=0)
@@ -106,16 +115,18 @@ def publish(
     }
 
 
-def gather(pub: zmq.Socket[bytes], wanted: int, wait: float, stop: threading.Event) -> int:
-    """Read subscriptions until ``wanted`` subscribers said hello (or ``wait`` ends)."""
-    hellos: set[bytes] = set()
+def gather(pub: zmq.Socket[bytes], hellos: set[bytes], wanted: int, wait: float, stop: threading.Event) -> None:
+    """Read subscriptions until ``wanted`` subscribers said hello (or ``wait`` ends).
+
+    ``hellos`` holds the subscribers present: a subscriber that leaves
+    drops its subscriptions, its hello with them."""
     deadline = time.monotonic() + wait
     while not stop.is_set():
         try:
             event = pub.recv(zmq.NOBLOCK)
         except zmq.Again:
             if len(hellos) >= wanted:
-                return len(hellos)
+                return
             left = deadline - time.monotonic()
             if left <= 0:
                 raise NoSubscribers(f"{len(hellos)} of {wanted} subscribers came in {wait:g} s") from None
@@ -123,7 +134,6 @@ def gather(pub: zmq.Socket[bytes], wanted: int, wait: float, stop: threading.Eve
             continue
         if event[1:].startswith(HELLO):
             (hellos.add if event[0] == 1 else hellos.discard)(event[1:])
-    return len(hellos)
 
 
 def subscribe(
