@@ -188,4 +188,4 @@ def test_a_slow_subscriber_loses_its_own_messages_and_counts_them(tmp_path: Path
     assert slow["dropped_total"] > 0
     for topic in ("a", "b"):  # every message is either received or counted as dropped
         assert slow["received"][topic] + slow["dropped"][topic] == 1500
-    assert b"dropped so far: this subscriber is too slow" in slow_err
+    assert b"messages dropped: this subscriber was too slow for the stream" in slow_err

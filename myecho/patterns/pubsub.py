@@ -194,6 +194,12 @@ def subscribe(
         for name, total in end.items():
             if any(name.encode().startswith(prefix) for prefix in wanted):
                 dropped[name] = total - received[name]
+    if sum(dropped.values()):
+        log.warning(
+            "%d of %d messages dropped: this subscriber was too slow for the stream",
+            sum(dropped.values()),
+            sum(dropped.values()) + sum(received.values()),
+        )
     return {
         "topics": topics,
         "received": dict(sorted(received.items())),
