@@ -21,7 +21,10 @@ MODEL_HELP = {
     "fork": "a parent that accepts, one child process per connection",
     "select": "one process, one event loop (selectors: epoll), non-blocking sockets",
     "zmq": "ZeroMQ echo for REQ and DEALER clients (a ROUTER socket)",
+    "broker": "load-balancing echo: REQ clients on the frontend, workers on the backend",
+    "worker": "one echo worker for a broker, on any host",
 }
+ENDPOINT_RULE = "@URL binds, >URL connects; tcp://, ipc:// (inproc:// within one process); repeatable"
 
 
 def _error(message: str) -> NoReturn:
@@ -34,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     from myecho import __version__
-    from myecho.settings import DEFAULT_PORTS
+    from myecho.settings import BROKER_BACKEND_PORT, DEFAULT_PORTS
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
@@ -125,6 +128,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="a ZeroMQ endpoint to bind instead of tcp://HOST:PORT (tcp://, ipc://; repeatable)",
     )
 
+    beats = Parser(add_help=False)
+    beats.add_argument(
+        "--heartbeat", type=float, metavar="SECONDS", help="broker-worker heartbeat interval (default: 1)"
+    )
+    beats.add_argument(
+        "--liveness", type=int, metavar="N", help="heartbeats missed before a peer counts as dead (default: 3)"
+    )
+    broker = models.add_parser(
+        "broker",
+        parents=[tcp, beats, common],
+        help=MODEL_HELP["broker"],
+        description=MODEL_HELP["broker"] + f"; ports {DEFAULT_PORTS['broker']} and {BROKER_BACKEND_PORT}. "
+        "Least-recently-used routing; a worker that dies or hangs leaves the pool and the request it held "
+        "goes to another worker, answered once.",
+    )
+    broker.add_argument(
+        "--frontend",
+        dest="broker_frontend",
+        action="append",
+        metavar="URL",
+        help=f"where clients come (default: tcp://HOST:PORT); {ENDPOINT_RULE}",
+    )
+    broker.add_argument(
+        "--backend",
+        dest="broker_backend",
+        action="append",
+        metavar="URL",
+        help=f"where workers come (default: tcp://HOST:{BROKER_BACKEND_PORT}); {ENDPOINT_RULE}",
+    )
+    worker = models.add_parser(
+        "worker",
+        parents=[beats, common],
+        help=MODEL_HELP["worker"],
+        description=MODEL_HELP["worker"] + ". It reconnects by itself when the broker falls silent.",
+    )
+    worker.add_argument(
+        "--connect",
+        dest="worker_connect",
+        metavar="URL",
+        help=f"the broker's backend (default: MYECHO_WORKER_CONNECT, else tcp://127.0.0.1:{BROKER_BACKEND_PORT}); "
+        "@URL binds instead and lets the broker connect",
+    )
+
+    from myecho.patterns.cli import add_pattern_commands
+
+    add_pattern_commands(commands, Parser, ENDPOINT_RULE)
+
     client = commands.add_parser(
         "client",
         help="a telnet-like client: stdin lines out, echoes to stdout",
@@ -161,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from myecho.client import run_client
 
         return run_client(options.address, zmq=options.zmq, timeout=options.timeout)
+    if options.command != "serve":
+        from myecho.patterns.cli import run_pattern
+
+        return run_pattern(vars(options))
     if options.model == "inetd":
         from myecho.models.inetd import main as inetd_main
 

@@ -29,6 +29,7 @@ class Stats:
     messages: int = 0
     bytes: int = 0
     dropped: int = 0
+    detail: str = ""  # what else a model wants in STATUS (the broker: its pool)
 
     def connection_opened(self) -> None:
         self.open += 1
@@ -36,7 +37,8 @@ class Stats:
 
     def summary(self) -> str:
         text = f"{self.open} open, {self.served} served, {self.messages} messages, {self.bytes} bytes echoed"
-        return text + (f", {self.dropped} dropped" if self.dropped else "")
+        text += f", {self.dropped} dropped" if self.dropped else ""
+        return text + (f"; {self.detail}" if self.detail else "")
 
 
 class Runtime:
@@ -51,6 +53,9 @@ class Runtime:
     ) -> None:
         self.settings = settings
         self.listeners = listeners
+        #: What each listener is for, when a model has several kinds (the
+        #: broker: "frontend", "backend"); empty when they are all alike.
+        self.listener_roles: list[str] = []
         self.notifier = notifier or Notifier()
         self.log = log or logging.getLogger("myecho")
         self.signals = SignalWatcher()

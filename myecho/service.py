@@ -13,9 +13,10 @@ from typing import Any
 
 from myecho.daemon import PidfileError, daemonize
 from myecho.models import MODELS
+from myecho.patterns.endpoints import EndpointError
 from myecho.runtime import Runtime
 from myecho.settings import DEFAULT_PORTS, Settings, SettingsError
-from myecho.sockets import ListenError, from_systemd, listening_sockets
+from myecho.sockets import ListenError, broker_roles, from_systemd, from_systemd_named, listening_sockets
 from myecho.systemd import Notifier, setup_logging
 
 
@@ -47,9 +48,16 @@ def run_service(options: dict[str, Any]) -> int:
     except SettingsError as error:
         return _fail(str(error), 2)
     model = importlib.import_module(f"myecho.models.{MODELS[settings.model]}")
+    roles: list[str] = []
     try:
         if settings.model == "zmq" and settings.listen:
             listeners = from_systemd()  # other endpoints are bound by libzmq itself
+        elif settings.model == "broker":
+            named = from_systemd_named()
+            listeners = [sock for _, sock in named]
+            roles = broker_roles([name for name, _ in named])
+        elif settings.model == "worker":
+            listeners = []  # it connects; libzmq binds if asked to (@URL)
         else:
             listeners = listening_sockets(settings.host, settings.port, settings.backlog)
     except ListenError as error:
@@ -62,10 +70,18 @@ def run_service(options: dict[str, Any]) -> int:
             return _fail(str(error), 1)
     log = setup_logging(settings.model, settings.log_level, settings.log_file)
     runtime = Runtime(settings, listeners, Notifier(), log)
+    runtime.listener_roles = roles
+    started = False
     try:
         model.serve(runtime)
+        started = True
+    except EndpointError as error:  # an endpoint it could not bind: nothing ran, one line says why
+        runtime.signals.close()
+        return _fail(str(error), 1)
     except KeyboardInterrupt:  # a second ^C while stopping: stop now
+        started = True
         return 130
     finally:
-        runtime.finish()
+        if started:
+            runtime.finish()
     return 0

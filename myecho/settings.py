@@ -43,7 +43,13 @@ class Settings:
     log_file: Path | None = None
     config: Path | None = None
     listen: list[str] = field(default_factory=list)
-    connect: str = ""
+    # The broker's endpoints (empty: tcp://HOST:PORT and tcp://HOST:11145)
+    # and the one a worker connects to (empty: tcp://127.0.0.1:11145).
+    broker_frontend: list[str] = field(default_factory=list)
+    broker_backend: list[str] = field(default_factory=list)
+    worker_connect: str = ""
+    heartbeat: float = 1.0
+    liveness: int = 3
     # Names given on the command line: a reload from the file must not undo them.
     explicit: frozenset[str] = frozenset()
 
@@ -55,6 +61,17 @@ class Settings:
         for name in ("backlog", "max_children", "max_connections", "buffer_limit"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"{name.replace('_', '-')} must be at least 1")
+        if not 0.01 <= self.heartbeat <= 3600:
+            raise SettingsError("heartbeat must be between 0.01 and 3600 seconds")
+        if self.liveness < 1:
+            raise SettingsError("liveness must be at least 1")
+        from myecho.patterns.endpoints import EndpointError, split
+
+        for spec in [*self.broker_frontend, *self.broker_backend, *filter(None, [self.worker_connect])]:
+            try:
+                split(spec, "")
+            except EndpointError as error:
+                raise SettingsError(str(error)) from None
         if self.graceful_timeout < 0:
             raise SettingsError("graceful-timeout must not be negative")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -98,5 +115,5 @@ def _path_or_none(value: str) -> Path | None:
     return Path(value) if value else None
 
 
-_CONVERTERS: dict[object, Callable[[str], object]] = {int: int, float: float, str: str}
+_CONVERTERS: dict[object, Callable[[str], object]] = {int: int, float: float, str: str, list[str]: str.split}
 _FIELD_TYPES = {f.name: _CONVERTERS.get(f.type, _path_or_none) for f in dataclasses.fields(Settings)}

@@ -36,6 +36,25 @@ def from_systemd() -> list[socket.socket]:
     return sockets
 
 
+def from_systemd_named() -> list[tuple[str, socket.socket]]:
+    """``from_systemd()`` with each socket's FileDescriptorName= (or "")."""
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    sockets = from_systemd()
+    return [(names[n] if n < len(names) else "", sock) for n, sock in enumerate(sockets)]
+
+
+def broker_roles(names: list[str]) -> list[str]:
+    """Which of systemd's sockets is the broker's frontend, which its backend.
+
+    By FileDescriptorName= ("frontend", "backend") when every socket has its
+    own, else by position (a socket unit names all its sockets alike): the
+    first ListenStream= is the frontend, the second the backend.
+    """
+    if len(set(names)) == len(names) and set(names) <= {"frontend", "backend"}:
+        return list(names)
+    return ["frontend", "backend"][: len(names)] + ["frontend"] * (len(names) - 2)
+
+
 def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
     """A TCP listening socket on host:port (IPv4 or IPv6)."""
     try:

@@ -50,8 +50,42 @@ class NotifySocket:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.messages: list[dict[str, str]] = []
+        self.arrived = threading.Condition()
+        self.following = False
+        self.cursor = 0  # when following: the next message receive() returns
+
+    def follow(self) -> None:
+        """Read every datagram as it comes, as systemd does, in a thread.
+
+        A unix datagram socket queues only net.unix.max_dgram_qlen (10)
+        messages: a service sending STATUS= every second to a test that
+        stopped reading blocks in sendmsg after ten seconds. Long-lived
+        test services need this."""
+        self.following = True
+        self.cursor = len(self.messages)
+        threading.Thread(target=self._read_all, daemon=True).start()
+
+    def _read_all(self) -> None:
+        self.sock.settimeout(0.2)
+        while self.following:
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            with self.arrived:
+                self.messages.append(message)
+                self.arrived.notify_all()
 
     def receive(self, timeout: float) -> dict[str, str] | None:
+        if self.following:
+            with self.arrived:
+                if not self.arrived.wait_for(lambda: self.cursor < len(self.messages), timeout):
+                    return None
+                self.cursor += 1
+                return self.messages[self.cursor - 1]
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(65536)
@@ -73,6 +107,7 @@ class NotifySocket:
         raise AssertionError(f"no {key}={value or '*'} from the service in {timeout} s; got {self.messages}")
 
     def close(self) -> None:
+        self.following = False
         self.sock.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -258,3 +293,18 @@ def rss_kib(pid: int) -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_status(server: Server, needle: str, timeout: float = 10.0) -> str:
+    """Wait for a STATUS= line, sent from now on, that contains ``needle``."""
+    assert server.notify is not None
+    if server.notify.following:
+        server.notify.cursor = len(server.notify.messages)
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = server.notify.receive(min(left, 1.0))
+        if message is not None and needle in message.get("STATUS", ""):
+            return message["STATUS"]
+        if server.proc.poll() is not None:
+            break
+    raise AssertionError(f"no STATUS with {needle!r} in {timeout} s; stderr:\n{server.stderr}")

@@ -14,6 +14,10 @@ from myecho.settings import Settings, SettingsError
 COMMANDS = [
     ["myecho"], ["myecho", "serve"], ["myecho", "serve", "inetd"], ["myecho", "serve", "fork"],
     ["myecho", "serve", "select"], ["myecho", "serve", "zmq"], ["myecho", "client"], ["myecho-c"],
+    ["myecho", "serve", "broker"], ["myecho", "serve", "worker"],
+    ["myecho", "pipeline"], ["myecho", "pipeline", "ventilator"], ["myecho", "pipeline", "worker"],
+    ["myecho", "pipeline", "sink"], ["myecho", "pipeline", "run"],
+    ["myecho", "pubsub"], ["myecho", "pubsub", "publisher"], ["myecho", "pubsub", "subscriber"],
 ]
 
 
@@ -33,6 +37,13 @@ def test_every_command_has_help(argv: list[str]) -> None:
     ["serve", "select", "--host", "no.such.host.invalid"],
     ["client", "no-port-here"],
     ["frobnicate"],
+    ["serve", "broker", "--frontend", "localhost:11144"],
+    ["serve", "broker", "--backend", "tcp://192.0.2.1:11145"],
+    ["serve", "worker", "--connect", "nowhere"],
+    ["serve", "worker", "--heartbeat", "0"],
+    ["serve", "broker", "--liveness", "0"],
+    ["pipeline", "sink", "--results", "tcp://192.0.2.1:1"],
+    ["pubsub"],
 ], ids=" ".join)
 def test_bad_arguments_are_one_line_errors(argv: list[str]) -> None:
     result = subprocess.run([command("myecho"), *argv], capture_output=True, timeout=20, text=True)
@@ -84,3 +95,29 @@ def test_bad_values_name_the_line(tmp_path: Path) -> None:
     config.write_text("MYECHO_LOG_LEVEL=loud\n")
     with pytest.raises(SettingsError, match="log level"):
         Settings().apply_file(config)
+
+
+def test_broker_and_worker_settings_from_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "default"
+    config.write_text(
+        "MYECHO_BROKER_FRONTEND=tcp://0.0.0.0:11144 ipc:///run/myecho/clients\n"
+        "MYECHO_BROKER_BACKEND=tcp://0.0.0.0:11145\nMYECHO_WORKER_CONNECT=tcp://broker.example:11145\n"
+        "MYECHO_HEARTBEAT=0.5\nMYECHO_LIVENESS=4\nMYECHO_BROKER_PORT=12000\n"
+    )
+    broker = make_settings({"model": "broker", "config": config, "broker_backend": ["ipc:///tmp/b"]})
+    assert broker.broker_frontend == ["tcp://0.0.0.0:11144", "ipc:///run/myecho/clients"]
+    assert broker.broker_backend == ["ipc:///tmp/b"]  # the command line wins
+    assert (broker.heartbeat, broker.liveness, broker.port) == (0.5, 4, 12000)
+    worker = make_settings({"model": "worker", "config": config})
+    assert worker.worker_connect == "tcp://broker.example:11145"
+    assert make_settings({"model": "broker"}).port == 11144
+
+
+def test_which_of_systemds_sockets_is_the_brokers_backend() -> None:
+    from myecho.sockets import broker_roles
+
+    assert broker_roles(["backend", "frontend"]) == ["backend", "frontend"]
+    assert broker_roles(["backend"]) == ["backend"]
+    assert broker_roles(["myecho@broker.socket", "myecho@broker.socket"]) == ["frontend", "backend"]
+    assert broker_roles(["frontend", "frontend"]) == ["frontend", "backend"]  # one name for the whole unit
+    assert broker_roles(["a", "b", "c"]) == ["frontend", "backend", "frontend"]

@@ -8,5 +8,7 @@ MODELS = {
     "fork": "fork",
     "select": "select",
     "zmq": "zmq",
+    "broker": "broker",
+    "worker": "worker",
 }
 TCP_MODELS = ("fork", "select")
