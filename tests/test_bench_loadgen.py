@@ -104,3 +104,14 @@ def test_zmq_client_says_refused_when_nothing_listens() -> None:
         out = loadgen.run("zmq", "single", "127.0.0.1", probe.getsockname()[1], 60, trials=2, timeout=1)
     assert out["trials"] == 0
     assert set(out["errors"]) <= {"refused", "timeout"}
+
+
+def test_zmq_client_against_the_broker_and_its_workers() -> None:
+    server = Server.start(BY_NAME["broker"])
+    try:
+        single = loadgen.run("zmq", "single", server.host, server.port, 60, trials=3, timeout=10)
+        memory = server.memory()
+    finally:
+        server.stop()
+    assert single["trials"] == 3 and single["errors"] == {}
+    assert memory is not None and memory.processes == 3  # the broker and its two workers, one tree

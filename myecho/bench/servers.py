@@ -13,6 +13,7 @@ import contextlib
 import getpass
 import importlib.util
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -35,7 +36,10 @@ INSTALLED_PORTS = {
     "fork": DEFAULT_PORTS["fork"],
     "select": DEFAULT_PORTS["select"],
     "zmq": DEFAULT_PORTS["zmq"],
+    "broker": DEFAULT_PORTS["broker"],
 }
+#: Workers the bench starts behind its broker: one per core of this kind of machine.
+BROKER_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,12 @@ MODELS = (
     Model("fork", "fork", "tcp", "myecho serve fork: one child process per connection"),
     Model("select", "select", "tcp", "myecho serve select: one process, one epoll loop"),
     Model("zmq", "zmq", "zmq", "myecho serve zmq: ROUTER socket, measured with REQ clients"),
+    Model(
+        "broker",
+        "zmq broker, 2 workers",
+        "zmq",
+        "myecho serve broker (REQ clients on the frontend) with 2 myecho serve worker behind it",
+    ),
     Model("asyncio", "Python asyncio", "tcp", "asyncio.Protocol echo on the standard loop", True),
     Model("uvloop", "Python uvloop", "tcp", "asyncio.Protocol echo on uvloop", True),
 )
@@ -218,6 +228,13 @@ def launch_command(model: Model, port: int, workdir: Path) -> Launch:
         return Launch([myecho, "serve", model.name, *python_model], True)
     if model.name in ("asyncio", "uvloop"):
         return Launch([sys.executable, "-m", "myecho.bench.pyservers", model.name, "--port", str(port)], True)
+    if model.name == "broker":
+        # One process tree: the shell starts the workers, then becomes the broker (exec), their parent.
+        backend = f"ipc://{workdir / 'backend'}"
+        quiet = ["--log-level", "warning", "--graceful-timeout", "1"]
+        worker = shlex.join([myecho, "serve", "worker", "--connect", backend, *quiet])
+        broker = shlex.join([myecho, "serve", "broker", "--port", str(port), "--backend", backend, *quiet])
+        return Launch(["/bin/sh", "-c", f"{' & '.join([worker] * BROKER_WORKERS)} & exec {broker}"], False)
     inetd = inetd_command()
     if model.name == "inetd-systemd":
         tool = shutil.which("systemd-socket-activate") or "systemd-socket-activate"
