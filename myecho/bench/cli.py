@@ -42,7 +42,7 @@ columns (every duration is measured by the client, on this machine's loopback):
                    each step. "≥ N": the ramp reached its limit. Otherwise it says why it
                    stopped: refused, reset, timeout (no echo within --timeout), mismatch, fd
                    limit (the server at its file-descriptor limit), memory guard (the next step
-                   would leave under max(2 GiB, 10 %%) of memory), process guard (a process per
+                   would leave under max(2 GiB, 10 %) of memory), process guard (a process per
                    connection would come within 2000 of pid_max), time budget, client limit.
  beyond the talk:
   round trips      closed loop: each of 1, 32, 256 clients sends a message, waits for its echo,
@@ -60,7 +60,8 @@ columns (every duration is measured by the client, on this machine's loopback):
   client CPU/echo  the load generator's own CPU per round trip: small means it is not the
                    bottleneck.
  --ratios adds ×R: the figure divided by the C reference's (myecho-c) in the same run.
-models: """ + ", ".join(f"{m.name} ({m.description})" for m in MODELS)
+models (--models):
+""" + "\n".join(f"  {m.name:<19}{m.description}" for m in MODELS)
 
 
 def build_parser() -> argparse.ArgumentParser:
