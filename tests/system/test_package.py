@@ -286,7 +286,9 @@ def test_broker_and_workers_echo(clean: Container) -> None:
     links = clean.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link"]).stdout.splitlines()
     assert len(links) == 1 and ": lo:" in links[0], links
     clean.systemctl("stop", *workers, broker, "myecho@broker.socket")
-    running = clean.systemctl("list-units", "--plain", "--no-legend", "--state=active,deactivating", "myecho*")
+    running = clean.systemctl(
+        "list-units", "--plain", "--no-legend", "--state=active,deactivating", "myecho@broker*", "myecho-worker@*"
+    )
     assert not running.stdout.strip(), running.stdout
 
 
