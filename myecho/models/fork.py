@@ -11,11 +11,13 @@ speaks to systemd, and reports its figures to the parent through a pipe.
 
 import contextlib
 import ctypes
+import gc
 import os
 import selectors
 import signal
 import socket
 import struct
+from collections.abc import Callable
 
 from myecho.accepting import LISTENER, Acceptor
 from myecho.echo import echo_fds
@@ -28,12 +30,18 @@ REPORT = struct.Struct("=QQ")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
+_prctl: Callable[..., int] | None
+try:  # loaded once here: a child must start echoing as soon as it can
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not glibc/Linux: children rely on the parent's SIGTERM
+    _prctl = None
+
+
+def _die_with(parent: int) -> bool:
+    """Have the kernel SIGTERM us when the parent dies; False if it already has."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return os.getppid() == parent
 
 
 class ForkServer:
@@ -55,6 +63,7 @@ class ForkServer:
             self.spawn(conn)
 
     def spawn(self, conn: socket.socket) -> None:
+        parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as error:
@@ -64,7 +73,7 @@ class ForkServer:
         if pid == 0:
             code = 1
             try:
-                code = self.child(conn)
+                code = self.child(conn, parent)
             finally:
                 os._exit(code)
         conn.close()
@@ -72,17 +81,16 @@ class ForkServer:
         self.rt.stats.connection_opened()
 
     # -- the child ----------------------------------------------------------
-    def child(self, conn: socket.socket) -> int:
+    def child(self, conn: socket.socket, parent: int) -> int:
         """Echo one connection; default signal actions, no systemd, no listeners."""
-        _die_with_parent()
+        if not _die_with(parent):
+            return 0  # the parent died between fork and prctl
         self.rt.signals.close()
         self.rt.notifier.disable()
         # A terminal's ^C reaches the whole process group: the child waits for
         # the parent's SIGTERM at the end of the grace period instead.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if os.getppid() == 1:
-            return 0  # the parent died between fork and prctl
         self.selector.close()
         for sock in self.rt.listeners:
             sock.close()
@@ -133,6 +141,9 @@ class ForkServer:
         self.selector.register(rt.signals, selectors.EVENT_READ, "signals")
         self.selector.register(self.reports_r, selectors.EVENT_READ, "reports")
         self.acceptor.update(room=True)
+        # Objects that exist now are shared with every child: keep the garbage
+        # collector from writing to them, which would copy their pages.
+        gc.freeze()
         rt.ready(", ".join(describe(sock) for sock in rt.listeners))
         while not (rt.stopping and not self.children):
             for key, _ in self.selector.select(self.acceptor.timeout(rt.timeout())):

@@ -20,10 +20,22 @@ BUILD_DEB = REPO / "tools" / "build-deb"
 PORTS = {"inetd-xinetd": 11138, "fork": 11139, "select": 11140, "zmq": 11141, "c": 11142, "inetd": 11143}
 MODELS = ("fork", "select", "zmq", "c")
 PYTHON_MODELS = ("fork", "select", "zmq")
-#: Every service unit the package runs, as systemd-analyze sees it.
-SERVICES = (*(f"myecho@{m}.service" for m in MODELS), "myecho-inetd@0-127.0.0.1:11143-127.0.0.1:1.service")
+#: The broker (myecho@broker): clients, then workers, both in myecho@broker.socket.
+BROKER_PORTS = (11144, 11145)
+#: Every service unit the package runs that holds no network of its own, as
+#: systemd-analyze sees it.
+SERVICES = (
+    *(f"myecho@{m}.service" for m in (*MODELS, "broker")),
+    "myecho-inetd@0-127.0.0.1:11143-127.0.0.1:1.service",
+)
 #: The issue's bound is 1.0; with the socket held by systemd we aim under 0.5.
 MAX_EXPOSURE = 0.5
+#: A broker worker connects out (no PrivateNetwork=, AF_INET allowed) and
+#: libzmq needs sched_setscheduler; an IP allow list of localhost (the default
+#: broker address; an admin adds a remote broker's) brings it to 1.0, the
+#: issue's bound.
+WORKER = "myecho-worker@1.service"
+MAX_WORKER_EXPOSURE = 1.0
 
 _EXPOSURE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d+)")
 

@@ -22,13 +22,16 @@ import pytest
 
 from .container import Container
 from .packaging import (
+    BROKER_PORTS,
     MAX_EXPOSURE,
+    MAX_WORKER_EXPOSURE,
     MODELS,
     PORTS,
     PYTHON_MODELS,
     REPO,
     SERVICES,
     SYSTEMD_DIR,
+    WORKER,
     build_deb,
     deb_field,
     exposure,
@@ -211,6 +214,8 @@ def test_installed_units_verify(box: Container) -> None:
     templates: systemd reads the template and the instance's drop-ins)."""
     links = {f"myecho@{m}.{kind}": f"myecho@.{kind}" for m in MODELS for kind in ("service", "socket")}
     links["myecho-inetd@0.service"] = "myecho-inetd@.service"
+    links |= {"myecho@broker.service": "myecho@.service", "myecho@broker.socket": "myecho@.socket"}
+    links[WORKER] = "myecho-worker@.service"
     box.run(
         "mkdir -p /root/verify && cd /root/verify && "
         + " && ".join(f"ln -sf {UNIT_DIR}/{t} {n}" for n, t in links.items())
@@ -228,10 +233,11 @@ def test_installed_units_verify(box: Container) -> None:
 
 def test_installed_unit_exposure(box: Container) -> None:
     """systemd-analyze security, online, in the booted system."""
-    result = box.run(["systemd-analyze", "security", "--no-pager", *SERVICES], env={"SYSTEMD_COLORS": "0"})
+    result = box.run(["systemd-analyze", "security", "--no-pager", *SERVICES, WORKER], env={"SYSTEMD_COLORS": "0"})
     scores = exposure(result.stdout)
     print("installed exposure:", scores)
-    assert set(scores) == set(SERVICES), result.stdout
+    assert set(scores) == {*SERVICES, WORKER}, result.stdout
+    assert scores.pop(WORKER) <= MAX_WORKER_EXPOSURE
     assert all(score < MAX_EXPOSURE for score in scores.values()), scores
 
 
@@ -255,6 +261,35 @@ def test_start_model_and_echo(clean: Container, model: str) -> None:
     links = clean.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link"]).stdout.splitlines()
     assert len(links) == 1 and ": lo:" in links[0], links
     assert main_pid(clean, unit) == pid
+
+
+def test_broker_and_workers_echo(clean: Container) -> None:
+    """myecho@broker takes both ports from its socket unit (clients first),
+    two myecho-worker@N connect to it, a REQ client gets its echo."""
+    broker, workers = "myecho@broker.service", ["myecho-worker@1.service", "myecho-worker@2.service"]
+    started = time.monotonic()
+    clean.systemctl("start", broker, *workers)
+    assert state(clean, "myecho@broker.socket") == "active"
+    wait_until("both workers at the broker", lambda: "2 workers" in show(clean, broker, "StatusText"), timeout=15)
+    print(f"broker and 2 workers ready in {time.monotonic() - started:.1f}s")
+    outcome = probe(clean, "zmq", BROKER_PORTS[0], "--count", 20)
+    assert outcome["replies"] == 20
+    for unit in (broker, *workers):  # after real traffic, not just after start
+        assert state(clean, unit) == "active", unit
+        assert show(clean, unit, "NRestarts") == "0", unit
+    status = clean.systemctl("status", broker, check=False).stdout
+    assert re.search(r'Status: ".*2 workers', status), status
+    listening = clean.run(["ss", "-Htln"]).stdout
+    assert all(f"127.0.0.1:{port} " in listening for port in BROKER_PORTS), listening
+    # The broker has no network of its own; a worker has the container's.
+    pid = main_pid(clean, broker)
+    links = clean.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link"]).stdout.splitlines()
+    assert len(links) == 1 and ": lo:" in links[0], links
+    clean.systemctl("stop", *workers, broker, "myecho@broker.socket")
+    running = clean.systemctl(
+        "list-units", "--plain", "--no-legend", "--state=active,deactivating", "myecho@broker*", "myecho-worker@*"
+    )
+    assert not running.stdout.strip(), running.stdout
 
 
 def test_status_figures_and_journal(clean: Container) -> None:

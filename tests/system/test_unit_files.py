@@ -13,7 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from .packaging import MAX_EXPOSURE, MODELS, PORTS, REPO, SERVICES, SYSTEMD_DIR, offline_exposure, unit_root
+from .packaging import (
+    BROKER_PORTS,
+    MAX_EXPOSURE,
+    MAX_WORKER_EXPOSURE,
+    MODELS,
+    PORTS,
+    REPO,
+    SERVICES,
+    SYSTEMD_DIR,
+    WORKER,
+    offline_exposure,
+    unit_root,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +38,13 @@ def test_source_unit_exposure(root: Path, unit: str) -> None:
     score = offline_exposure(root, unit)
     print(f"{unit}: exposure {score} (offline, source)")
     assert score < MAX_EXPOSURE
+
+
+def test_source_worker_exposure(root: Path) -> None:
+    """A worker has the network (it connects out to the broker), not much else."""
+    score = offline_exposure(root, WORKER)
+    print(f"{WORKER}: exposure {score} (offline, source)")
+    assert score <= MAX_WORKER_EXPOSURE
 
 
 def _verify(tmp_path: Path, names: list[str]) -> str:
@@ -54,6 +73,9 @@ def test_source_units_verify(tmp_path: Path) -> None:
     names = [
         *(f"myecho@{m}.service" for m in MODELS),
         *(f"myecho@{m}.socket" for m in MODELS),
+        "myecho@broker.service",
+        "myecho@broker.socket",
+        "myecho-worker@1.service",
         "myecho-inetd.socket",
         "myecho-inetd@0.service",
         "myecho.target",
@@ -77,6 +99,42 @@ def test_socket_drop_ins_listen_on_loopback_ports() -> None:
         text = (SYSTEMD_DIR / f"myecho@{model}.socket.d" / "listen.conf").read_text()
         assert f"ListenStream=127.0.0.1:{PORTS[model]}\n" in text
     assert "ListenStream=127.0.0.1:11143\n" in (SYSTEMD_DIR / "myecho-inetd.socket").read_text()
+
+
+def test_broker_socket_lists_frontend_then_backend() -> None:
+    """One socket unit, so one FileDescriptorName=: the broker goes by position
+    (the first is the frontend), and it must not be told other endpoints."""
+    text = (SYSTEMD_DIR / "myecho@broker.socket.d" / "listen.conf").read_text()
+    listens = re.findall(r"^ListenStream=(.*)$", text, re.MULTILINE)
+    assert listens == [f"127.0.0.1:{port}" for port in BROKER_PORTS], listens
+    assert not re.search(r"^FileDescriptorName=", text, re.MULTILINE)
+    service = (SYSTEMD_DIR / "myecho@broker.service.d" / "zmq.conf").read_text()
+    assert "SystemCallFilter=sched_setscheduler\n" in service
+    assert not re.search(r"^[^#]*MYECHO_BROKER_(FRONTEND|BACKEND)", service, re.MULTILINE)
+
+
+def test_worker_unit() -> None:
+    text = (SYSTEMD_DIR / "myecho-worker@.service").read_text()
+    settings = [line for line in text.splitlines() if line and not line.startswith("#")]
+    for expected in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "EnvironmentFile=-/etc/default/myecho",
+        "ExecStart=/usr/bin/myecho serve worker --config /etc/default/myecho",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "WatchdogSec=10s",
+        "Restart=on-failure",
+        "KillMode=mixed",
+        "PartOf=myecho.target",
+        "After=myecho.target",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+        "SystemCallFilter=sched_setscheduler",
+    ):
+        assert expected in settings, expected
+    assert not any(line.startswith(("PrivateNetwork=", "IPAddressDeny=")) for line in settings)
+    default = (REPO / "debian" / "myecho.default").read_text()
+    for name in ("MYECHO_WORKER_CONNECT=tcp://127.0.0.1:11145", "MYECHO_HEARTBEAT=", "MYECHO_LIVENESS="):
+        assert f"\n#{name}" in default, name
 
 
 def test_package_ships_every_unit_file() -> None:
