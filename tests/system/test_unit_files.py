@@ -131,7 +131,9 @@ def test_worker_unit() -> None:
         "SystemCallFilter=sched_setscheduler",
     ):
         assert expected in settings, expected
-    assert not any(line.startswith(("PrivateNetwork=", "IPAddressDeny=")) for line in settings)
+    # It connects out, so it keeps a network, but reaches this host only by default.
+    assert not any(line.startswith("PrivateNetwork=") for line in settings)
+    assert settings.index("IPAddressDeny=any") < settings.index("IPAddressAllow=localhost")
     default = (REPO / "debian" / "myecho.default").read_text()
     for name in ("MYECHO_WORKER_CONNECT=tcp://127.0.0.1:11145", "MYECHO_HEARTBEAT=", "MYECHO_LIVENESS="):
         assert f"\n#{name}" in default, name
