@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -81,22 +82,26 @@ def test_daemon_mode_detaches_and_writes_a_pidfile(tmp_path: Path) -> None:
     port = free_port()
     pidfile = tmp_path / "myecho.pid"
     log = tmp_path / "myecho.log"
-    result = subprocess.run([command("myecho"), "serve", "fork", "--port", str(port), "--daemon",
-                             "--pidfile", str(pidfile), "--log-file", str(log)], timeout=10)
-    assert result.returncode == 0  # the shell gets its prompt back
-    wait_listening(port)  # bound before detaching; the pidfile and log come after
-    wait_until(lambda: log.exists() and "serving on" in log.read_text(), what="the daemon's log line")
-    pid = int(pidfile.read_text())
+    argv = [command("myecho"), "serve", "fork", "--port", str(port), "--daemon", "--pidfile", str(pidfile),
+            "--log-file", str(log)]
     try:
+        result = subprocess.run(argv, timeout=10)
+        assert result.returncode == 0  # the shell gets its prompt back
+        wait_listening(port)  # bound before detaching; the pidfile and log come after
+        wait_until(lambda: log.exists() and "serving on" in log.read_text(), what="the daemon's log line")
+        pid = int(pidfile.read_text())
         # A session of its own, and not its leader: it can never get a terminal back.
         assert os.getsid(pid) not in (os.getsid(0), pid)
         assert Path(f"/proc/{pid}/cwd").resolve() == Path("/")
-        import socket
-
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             assert exchange(sock, b"daemon") == b"daemon"
-    finally:
-        os.kill(pid, signal.SIGTERM)
+    finally:  # the daemon is nobody's child: find it by its command line, whatever failed
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if str(pidfile).encode() in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGTERM)
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                pass
     deadline = time.monotonic() + 10
     while pidfile.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
