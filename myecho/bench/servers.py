@@ -77,12 +77,14 @@ MODELS = (
     Model("fork", "fork", "tcp", "myecho serve fork: one child process per connection"),
     Model("select", "select", "tcp", "myecho serve select: one process, one epoll loop"),
     Model("zmq", "zmq", "zmq", "myecho serve zmq: ROUTER socket, measured with REQ clients"),
+    Model("broker-1", "zmq broker, 1 worker", "zmq", "myecho serve broker with 1 myecho serve worker behind it"),
     Model(
         "broker",
         "zmq broker, 2 workers",
         "zmq",
         "myecho serve broker (REQ clients on the frontend) with 2 myecho serve worker behind it",
     ),
+    Model("broker-4", "zmq broker, 4 workers", "zmq", "myecho serve broker with 4 myecho serve worker behind it"),
     Model("asyncio", "Python asyncio", "tcp", "asyncio.Protocol echo on the standard loop", True),
     Model("uvloop", "Python uvloop", "tcp", "asyncio.Protocol echo on uvloop", True),
 )
@@ -228,13 +230,14 @@ def launch_command(model: Model, port: int, workdir: Path) -> Launch:
         return Launch([myecho, "serve", model.name, *python_model], True)
     if model.name in ("asyncio", "uvloop"):
         return Launch([sys.executable, "-m", "myecho.bench.pyservers", model.name, "--port", str(port)], True)
-    if model.name == "broker":
+    if model.name.startswith("broker"):
         # One process tree: the shell starts the workers, then becomes the broker (exec), their parent.
+        workers = int(model.name.partition("-")[2] or BROKER_WORKERS)
         backend = f"ipc://{workdir / 'backend'}"
         quiet = ["--log-level", "warning", "--graceful-timeout", "1"]
         worker = shlex.join([myecho, "serve", "worker", "--connect", backend, *quiet])
         broker = shlex.join([myecho, "serve", "broker", "--port", str(port), "--backend", backend, *quiet])
-        return Launch(["/bin/sh", "-c", f"{' & '.join([worker] * BROKER_WORKERS)} & exec {broker}"], False)
+        return Launch(["/bin/sh", "-c", f"{' & '.join([worker] * workers)} & exec {broker}"], False)
     inetd = inetd_command()
     if model.name == "inetd-systemd":
         tool = shutil.which("systemd-socket-activate") or "systemd-socket-activate"
