@@ -422,6 +422,15 @@ def test_autopkgtest_smoke(clean: Container) -> None:
     assert result.stdout.count("ok:") == 6, result.stdout
 
 
+def test_autopkgtest_bench(clean: Container) -> None:
+    """debian/tests/bench: myecho-bench --installed --quick prints both tables from the installed units."""
+    script = clean.copy_in(REPO / "debian/tests/bench", "/root/bench")
+    result = clean.run([script], check=False, timeout=420)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Single connection" in result.stdout and "Multiple connections" in result.stdout
+    assert "ok: myecho-bench --installed --quick measured" in result.stdout
+
+
 def test_xinetd_serves_the_inetd_model(clean: Container) -> None:
     """Debian's xinetd with the shipped file, once enabled (disable = no)."""
     clean.apt_get("install", "--no-install-recommends", "xinetd")
