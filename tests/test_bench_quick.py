@@ -39,6 +39,9 @@ def test_quick_run_prints_both_tables_and_valid_json(tmp_path: Path) -> None:
         assert result["ramp"]["completed"] and result["ramp"]["maximum"] == 500
         rr32 = next(t for t in result["throughput"] if t["clients"] == 32)
         assert rr32["round_trips_per_s"] > 0 and rr32["server_cpu_per_echo_s"] > 0
+    assert "ZeroMQ pipeline" in text
+    assert [run["workers"] for run in document["pipeline"]] == [1, 2, 4]
+    assert all(run["exactly_once"] and run["jobs_per_second"] > 0 for run in document["pipeline"])
 
 
 def test_help_defines_every_column() -> None:

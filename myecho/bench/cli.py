@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables as Markdown")
     parser.add_argument("--charts", type=Path, metavar="DIR", help="write one PNG chart per table (needs matplotlib)")
-    parser.add_argument("--scenarios", metavar="LIST", help="only these of: single,multi,throughput,ramp")
+    parser.add_argument("--scenarios", metavar="LIST", help="only these of: single,multi,throughput,ramp,pipeline")
     parser.add_argument("--trials", type=int, metavar="N", help="single-connection trials (default 300; quick 40)")
     parser.add_argument("--repeats", type=int, metavar="N", help="runs of each multiple/round-trip test (default 3)")
     parser.add_argument("--duration", type=float, metavar="S", help="seconds of each round-trip run (default 3)")
@@ -203,6 +203,48 @@ def machine() -> dict[str, Any]:
     }
 
 
+#: Workers behind the ZeroMQ pipeline's ventilator, as the talk's pipeline slide.
+PIPELINE_WORKERS = (1, 2, 4)
+#: What the JSON keeps of the sink's verdict (benchmarks/results.schema.json).
+PIPELINE_FIELDS = (
+    "workers",
+    "transport",
+    "jobs",
+    "done",
+    "missing",
+    "duplicates",
+    "seconds",
+    "jobs_per_second",
+    "exactly_once",
+)
+
+
+def run_pipeline(settings: Settings, progress: Progress) -> list[dict[str, Any]]:
+    """The pipeline's jobs per second with 1, 2 and 4 workers (ipc), each job checked done exactly once."""
+    from myecho.patterns.measure import pipeline_rate
+
+    jobs = 5_000 if settings.ramp_limit <= 1_000 else 20_000
+    runs = []
+    for workers in PIPELINE_WORKERS:
+        progress.prefix = "[pipeline] "
+        progress(f"ventilator -> {workers} worker(s) -> sink, {jobs} jobs")
+        verdict = pipeline_rate(workers, jobs, "ipc")
+        runs.append({key: verdict[key] for key in PIPELINE_FIELDS})
+    return runs
+
+
+def pipeline_table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "",
+        "ZeroMQ pipeline: ventilator -> N workers -> sink (PUSH/PULL over ipc), every job checked done once",
+        f"{'workers':>7}  {'jobs':>6}  {'jobs/s':>8}  exactly once",
+    ]
+    for run in runs:
+        verdict = "yes" if run["exactly_once"] else f"NO ({run['missing']} missing, {run['duplicates']} twice)"
+        lines.append(f"{run['workers']:>7}  {run['jobs']:>6}  {run['jobs_per_second']:>8,}  {verdict}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     if options.check_loadgen:
@@ -232,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             continue
         results.append(runner.measure(model, targets.get(model.name), only))
+    pipeline = [] if targets or (only is not None and "pipeline" not in only) else run_pipeline(settings, progress)
     progress.done()
     meta: dict[str, Any] = {
         "tool_version": __version__,
@@ -259,8 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ramp_limit": settings.ramp_limit,
         },
     }
+    if pipeline:
+        meta["pipeline"] = pipeline
     report = Report(results, meta, with_talk=options.talk, with_ratios=options.ratios)
     sys.stdout.write(report.text())
+    if pipeline:
+        sys.stdout.write(pipeline_table(pipeline))
     sys.stdout.write(
         f"\n{meta['machine']['cores']} cores, {meta['machine']['cpu']}; load average {load_start[0]:.2f} at the "
         f"start, {procs.loadavg()[0]:.2f} at the end, {meta['load_average']['max_1min']:.2f} at most; "
