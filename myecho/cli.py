@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     fork.add_argument(
         "--max-children", type=int, metavar="N", help="stop accepting while N children run (default: 1000)"
     )
+    fork.add_argument(
+        "--spare-children",
+        type=int,
+        metavar="N",
+        help="children forked ahead, ready for one connection each (default: 4; 0: fork after accept, as the talk)",
+    )
     select = models.add_parser(
         "select",
         parents=[tcp, common],

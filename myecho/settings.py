@@ -37,6 +37,7 @@ class Settings:
     backlog: int = 4096
     graceful_timeout: float = 5.0
     max_children: int = 1000
+    spare_children: int = 4
     max_connections: int = 19000
     buffer_limit: int = 65536
     log_level: str = "info"
@@ -53,7 +54,7 @@ class Settings:
     # Names given on the command line: a reload from the file must not undo them.
     explicit: frozenset[str] = frozenset()
 
-    RELOADABLE = ("graceful_timeout", "max_children", "max_connections", "buffer_limit", "log_level")
+    RELOADABLE = ("graceful_timeout", "max_children", "spare_children", "max_connections", "buffer_limit", "log_level")
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,6 +73,8 @@ class Settings:
                 split(spec, "")
             except EndpointError as error:
                 raise SettingsError(str(error)) from None
+        if self.spare_children < 0:
+            raise SettingsError("spare-children must not be negative")
         if self.graceful_timeout < 0:
             raise SettingsError("graceful-timeout must not be negative")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -9,7 +9,9 @@ import pytest
 from support import Server, command, free_port
 
 #: The byte-stream models, and the C reference held to the same contract.
-STREAM_MODELS = ("fork", "select", "c")
+#: "fork-classic" is the fork model as the talk wrote it: the parent forks
+#: after accept (--spare-children 0) instead of handing over to a spare.
+STREAM_MODELS = ("fork", "fork-classic", "select", "c")
 
 ServeFactory = Callable[..., Server]
 
@@ -17,6 +19,8 @@ ServeFactory = Callable[..., Server]
 def server_argv(model: str, port: int, *extra: str) -> list[str]:
     if model == "c":
         return [command("myecho-c"), *extra, str(port)]
+    if model == "fork-classic":
+        return [command("myecho"), "serve", "fork", "--spare-children", "0", "--port", str(port), *extra]
     return [command("myecho"), "serve", model, "--port", str(port), *extra]
 
 

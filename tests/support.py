@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 BIN = Path(sys.executable).parent
 
@@ -165,7 +166,7 @@ class Server:
     def kill(self) -> None:
         """Teardown after a failed test: the server and any child it left."""
         if self.proc.poll() is None:
-            for child in children_of(self.proc.pid):
+            for child in descendants_of(self.proc.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(child, signal.SIGKILL)
             self.proc.kill()
@@ -189,13 +190,14 @@ def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[byte
     raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll for something another process does in its own time."""
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll for something another process does in its own time; what the predicate last said."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (result := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not seen within {timeout} s")
         time.sleep(0.02)
+    return result
 
 
 def refused(port: int, host: str = "127.0.0.1") -> bool:
@@ -259,6 +261,14 @@ def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
             break
         received += data
     return received
+
+
+def descendants_of(pid: int) -> list[int]:
+    """Children, their children and so on (the fork model's spawner has the spares)."""
+    found: list[int] = []
+    for child in children_of(pid):
+        found += [child, *descendants_of(child)]
+    return found
 
 
 def children_of(pid: int) -> list[int]:

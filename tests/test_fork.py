@@ -11,24 +11,61 @@ from pathlib import Path
 
 import pytest
 from conftest import ServeFactory
-from support import children_of, command, exchange, free_port, roundtrip, wait_listening, wait_until, zombies_of
+from support import (
+    Server,
+    children_of,
+    command,
+    descendants_of,
+    exchange,
+    free_port,
+    roundtrip,
+    wait_listening,
+    wait_until,
+    zombies_of,
+)
 
 
-@pytest.mark.parametrize("model", ["fork", "c"])
+def spawner_of(server: Server) -> int:
+    """The fork model's spawner: the parent's only child while it is idle."""
+    def started() -> int | None:
+        children = children_of(server.proc.pid)
+        if len(children) == 1 and b"spawner.py" in Path(f"/proc/{children[0]}/cmdline").read_bytes():
+            return children[0]
+        return None
+
+    return int(wait_until(started, what="the spawner, started"))
+
+
+def wait_for_spares(spawner: int, count: int) -> list[int]:
+    def settled() -> list[int] | None:
+        spares = children_of(spawner)
+        return spares if len(spares) == count else None
+
+    return wait_until(settled, what=f"{count} spares")
+
+
+@pytest.mark.parametrize("model", ["fork", "fork-classic", "c"])
 def test_no_zombies_after_hundreds_of_connections(serve: ServeFactory, model: str) -> None:
     server = serve(model)
     for number in range(300):
         with server.connect() as sock:
             assert exchange(sock, b"%d" % number) == b"%d" % number
+    # Classic fork and C: no child left. With spares: the spawner, and the
+    # four spares it keeps ready, nothing else; no zombie anywhere.
+    expected = {"fork": 5}.get(model, 0)
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and (zombies_of(server.proc.pid) or children_of(server.proc.pid)):
+    while time.monotonic() < deadline and (
+        any(zombies_of(pid) for pid in [server.proc.pid, *descendants_of(server.proc.pid)])
+        or len(descendants_of(server.proc.pid)) != expected
+    ):
         time.sleep(0.05)
-    assert zombies_of(server.proc.pid) == []
-    assert children_of(server.proc.pid) == []
+    assert [zombies_of(pid) for pid in [server.proc.pid, *descendants_of(server.proc.pid)]] == [[]] * (expected + 1)
+    assert len(descendants_of(server.proc.pid)) == expected
 
 
-def test_max_children_queues_instead_of_forking(serve: ServeFactory) -> None:
-    server = serve("fork", "--max-children", "3")
+@pytest.mark.parametrize("model", ["fork", "fork-classic"])
+def test_max_children_queues_instead_of_forking(serve: ServeFactory, model: str) -> None:
+    server = serve(model, "--max-children", "3")
     held = [server.connect() for _ in range(3)]
     for sock in held:
         assert roundtrip(sock, b"held") == b"held"
@@ -37,7 +74,9 @@ def test_max_children_queues_instead_of_forking(serve: ServeFactory) -> None:
     waiting.settimeout(0.5)
     with pytest.raises(TimeoutError):
         waiting.recv(10)
-    assert len(children_of(server.proc.pid)) == 3
+    # Three children serve; spares count against the limit too, so none waits.
+    serving = children_of(spawner_of(server)) if model == "fork" else children_of(server.proc.pid)
+    assert len(serving) == 3
     held.pop().close()
     waiting.settimeout(10)
     assert waiting.recv(10) == b"queued"
@@ -45,21 +84,68 @@ def test_max_children_queues_instead_of_forking(serve: ServeFactory) -> None:
         sock.close()
 
 
-def test_children_die_with_the_parent(serve: ServeFactory) -> None:
-    server = serve("fork")
+@pytest.mark.parametrize("model", ["fork", "fork-classic"])
+def test_children_die_with_the_parent(serve: ServeFactory, model: str) -> None:
+    server = serve(model)
     sock = server.connect()
     assert roundtrip(sock, b"a") == b"a"
-    (child,) = children_of(server.proc.pid)
+    expected = 6 if model == "fork" else 1  # with spares: the spawner, the busy one and four spares
+    family = wait_until(lambda: (found := descendants_of(server.proc.pid)) and len(found) == expected and found,
+                        what=f"{expected} children")
     server.proc.kill()
     server.proc.wait()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and Path(f"/proc/{child}").exists():
-        state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        if state == "Z":
-            break
-        time.sleep(0.05)
-    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text()
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    wait_until(lambda: all(gone(pid) for pid in family), what="every child gone")
+    sock.settimeout(5)
+    assert sock.recv(10) == b""  # the busy child died: the client sees the connection end
     sock.close()
+
+
+def test_spares_are_handed_connections_and_replaced(serve: ServeFactory) -> None:
+    server = serve("fork")
+    spawner = spawner_of(server)
+    spares = wait_for_spares(spawner, 4)
+    sock = server.connect()
+    assert roundtrip(sock, b"first") == b"first"
+    # The oldest spare serves it; a new one replaces it.
+    after = wait_for_spares(spawner, 5)
+    assert spares[0] in after or set(spares) <= set(after)
+    sock.close()
+    wait_for_spares(spawner, 4)
+
+
+def test_reload_changes_the_number_of_spares(serve: ServeFactory, tmp_path: Path) -> None:
+    config = tmp_path / "myecho"
+    config.write_text("MYECHO_SPARE_CHILDREN=4\n")
+    server = serve("fork", "--config", str(config))
+    spawner = spawner_of(server)
+    wait_for_spares(spawner, 4)
+    config.write_text("MYECHO_SPARE_CHILDREN=1\n")
+    server.signal(signal.SIGHUP)
+    wait_for_spares(spawner, 1)
+    with server.connect() as sock:
+        assert exchange(sock, b"one spare") == b"one spare"
+    assert server.stop() == 0
+
+
+def test_a_dead_spawner_means_forking_after_accept(serve: ServeFactory) -> None:
+    server = serve("fork")
+    spawner = spawner_of(server)
+    spares = wait_for_spares(spawner, 4)
+    os.kill(spawner, signal.SIGKILL)
+    wait_until(lambda: "the spawner died" in server.stderr, what="the log line")
+    for pid in spares:  # they die with it
+        wait_until(lambda pid=pid: not Path(f"/proc/{pid}").exists(), what=f"spare {pid} gone")
+    for number in range(20):
+        with server.connect() as sock:
+            assert exchange(sock, b"%d" % number) == b"%d" % number
+    assert server.stop() == 0
 
 
 def test_children_only_report_figures_not_to_systemd(serve: ServeFactory) -> None:

@@ -60,7 +60,7 @@ def test_silent_client_does_not_delay_others(serve: ServeFactory, model: str) ->
 
 
 def test_thousand_concurrent_clients(serve: ServeFactory, model: str) -> None:
-    server = serve(model, *(["--max-children", "1100"] if model == "fork" else []))
+    server = serve(model, *(["--max-children", "1100"] if model.startswith("fork") else []))
     clients = [server.connect(timeout=30) for _ in range(1000)]
     try:
         for number, sock in enumerate(clients):

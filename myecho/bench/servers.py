@@ -74,7 +74,13 @@ MODELS = (
         "tcp",
         "the inetd model behind systemd-socket-activate --inetd -a (Accept=yes)",
     ),
-    Model("fork", "fork", "tcp", "myecho serve fork: one child process per connection"),
+    Model("fork", "fork", "tcp", "myecho serve fork: one child per connection, forked ahead by the spawner"),
+    Model(
+        "fork-classic",
+        "fork, after accept",
+        "tcp",
+        "myecho serve fork --spare-children 0: the talk's shape, a fork between accept and the first echo",
+    ),
     Model("select", "select", "tcp", "myecho serve select: one process, one epoll loop"),
     Model("zmq", "zmq", "zmq", "myecho serve zmq: ROUTER socket, measured with REQ clients"),
     Model("broker-1", "zmq broker, 1 worker", "zmq", "myecho serve broker with 1 myecho serve worker behind it"),
@@ -228,6 +234,8 @@ def launch_command(model: Model, port: int, workdir: Path) -> Launch:
         return Launch([str(program("epoll-echo")), "--host", "127.0.0.1", str(port)], False)
     if model.name in ("fork", "select", "zmq"):
         return Launch([myecho, "serve", model.name, *python_model], True)
+    if model.name == "fork-classic":
+        return Launch([myecho, "serve", "fork", "--spare-children", "0", *python_model], True)
     if model.name in ("asyncio", "uvloop"):
         return Launch([sys.executable, "-m", "myecho.bench.pyservers", model.name, "--port", str(port)], True)
     if model.name.startswith("broker"):

@@ -321,6 +321,26 @@ def test_reload_rereads_the_config(clean: Container) -> None:
     round_trip(clean, "fork")
 
 
+def test_fork_spares_run_inside_the_sandbox(clean: Container) -> None:
+    """The fork model's spawner starts under the hardened unit, keeps its four
+    spares in the service's cgroup, and a spare (not a fork) serves the echo."""
+    unit = "myecho@fork.service"
+    clean.systemctl("start", unit)
+    pid = main_pid(clean, unit)
+
+    def children(ppid: str) -> list[str]:
+        return clean.run(["ps", "-o", "pid=,args=", "--ppid", ppid], check=False).stdout.splitlines()
+
+    wait_until("the spawner", lambda: any("spawner.py" in line for line in children(str(pid))))
+    (spawner,) = [line.split()[0] for line in children(str(pid)) if "spawner.py" in line]
+    wait_until("four spares", lambda: len(children(spawner)) == 4)
+    assert show(clean, unit, "TasksCurrent") == "6"  # in the unit's cgroup: parent, spawner, spares
+    round_trip(clean, "fork")
+    wait_until("a spare replaced", lambda: len(children(spawner)) == 4)
+    journal = clean.journal(unit, "-o", "cat")
+    assert "spawner" not in journal, journal  # neither "cannot start" nor "died"
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_socket_starts_service_on_first_connection(clean: Container, model: str) -> None:
     socket_unit, service = f"myecho@{model}.socket", f"myecho@{model}.service"
