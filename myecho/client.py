@@ -62,6 +62,7 @@ def zmq_client(url: str, timeout: float) -> int:
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     req = context.socket(zmq.REQ)
     req.setsockopt(zmq.LINGER, 0)
+    req.setsockopt(zmq.IPV6, 1)  # tcp://[::1]:PORT too; IPv4 addresses still work
     req.setsockopt(zmq.RCVTIMEO, int(timeout * 1000))
     try:
         req.connect(url)

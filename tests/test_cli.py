@@ -33,6 +33,7 @@ def test_every_command_has_help(argv: list[str]) -> None:
     ["serve", "fork", "--port", "notanumber"],
     ["serve", "fork", "--port", "70000"],
     ["serve", "select", "--max-connections", "0"],
+    ["serve", "fork", "--spare-children", "-1"],
     ["serve", "fork", "--config", "/nonexistent/myecho"],
     ["serve", "select", "--host", "no.such.host.invalid"],
     ["client", "no-port-here"],

@@ -54,3 +54,11 @@ def test_socat_an_independent_client(serve: ServeFactory) -> None:
         result = subprocess.run([socat, "-t", "10", "-", f"TCP:127.0.0.1:{server.port}"], input=data,
                                 capture_output=True, timeout=60)
         assert result.stdout == data, model
+
+
+def test_zmq_client_over_ipv6(serve: ServeFactory) -> None:
+    port = free_port()
+    serve("zmq", "--host", "::1", port=port)
+    result = client("--zmq", f"tcp://[::1]:{port}", data=b"over ipv6\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"over ipv6\n"

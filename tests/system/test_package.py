@@ -334,7 +334,8 @@ def test_fork_spares_run_inside_the_sandbox(clean: Container) -> None:
     wait_until("the spawner", lambda: any("spawner.py" in line for line in children(str(pid))))
     (spawner,) = [line.split()[0] for line in children(str(pid)) if "spawner.py" in line]
     wait_until("four spares", lambda: len(children(spawner)) == 4)
-    assert show(clean, unit, "TasksCurrent") == "6"  # in the unit's cgroup: parent, spawner, spares
+    for process in [spawner, *(line.split()[0] for line in children(spawner))]:  # in the unit's cgroup
+        assert unit in clean.run(["cat", f"/proc/{process}/cgroup"]).stdout
     round_trip(clean, "fork")
     wait_until("a spare replaced", lambda: len(children(spawner)) == 4)
     journal = clean.journal(unit, "-o", "cat")
