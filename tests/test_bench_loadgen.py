@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+import zmq
 
 from myecho.bench import loadgen
 from myecho.bench.servers import BY_NAME, Server
@@ -87,18 +88,63 @@ def test_round_trips_against_the_limit_server() -> None:
     assert 0 < out["p50_ns"] <= out["p99_ns"] <= out["max_ns"]
 
 
-def test_zmq_client_against_the_zmq_model() -> None:
+@pytest.fixture(params=["zmtp", "pyzmq"])
+def zmq_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each zmq test with both clients: myecho-load's ZMTP, and pyzmq's REQ."""
+    monkeypatch.setattr(loadgen, "ZMQ_CLIENT", request.param)
+    return str(request.param)
+
+
+def test_zmq_client_against_the_zmq_model(zmq_client: str) -> None:
     server = Server.start(BY_NAME["zmq"])
     try:
         single = loadgen.run("zmq", "single", server.host, server.port, 60, trials=3, timeout=5)
         burst = loadgen.burst("zmq", server.host, server.port, 50, 60, lambda result: None, timeout=5)
+        big = loadgen.run("zmq", "single", server.host, server.port, 60, trials=2, timeout=5, size=65536)
     finally:
         server.stop()
     assert single["trials"] == 3 and single["errors"] == {}
     assert burst["opened"] == 50 and burst["echoed"] == 50
+    assert big["trials"] == 2 and big["errors"] == {}  # 65,536 bytes: a long ZMTP frame
 
 
-def test_zmq_client_says_refused_when_nothing_listens() -> None:
+def test_zmtp_client_speaks_to_a_plain_rep_socket() -> None:
+    """Not only to our server: a REP socket of pyzmq's, which enforces REQ/REP."""
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    rep = context.socket(zmq.REP)
+    port = rep.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if rep.poll(50):
+                rep.send(rep.recv())
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        out = loadgen.run("zmq", "single", "127.0.0.1", port, 60, trials=5, timeout=5)
+    finally:
+        stop.set()
+        thread.join()
+        rep.close(linger=0)
+        context.term()
+    assert out["trials"] == 5 and out["errors"] == {}
+
+
+def babbling(conn: socket.socket) -> None:
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n" + b" " * 100)
+
+
+@pytest.mark.parametrize("faulty", [babbling], indirect=True)
+def test_zmtp_client_does_not_count_a_server_that_is_not_zeromq(faulty: Faulty) -> None:
+    out = loadgen.run("zmq", "single", "127.0.0.1", faulty.port, 60, trials=2, timeout=2)
+    assert out["trials"] == 0
+    assert out["errors"] == {"other": 2}  # a bad greeting: neither connected nor a mismatch
+
+
+def test_zmq_client_says_refused_when_nothing_listens(zmq_client: str) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         out = loadgen.run("zmq", "single", "127.0.0.1", probe.getsockname()[1], 60, trials=2, timeout=1)
@@ -106,7 +152,7 @@ def test_zmq_client_says_refused_when_nothing_listens() -> None:
     assert set(out["errors"]) <= {"refused", "timeout"}
 
 
-def test_zmq_client_against_the_broker_and_its_workers() -> None:
+def test_zmq_client_against_the_broker_and_its_workers(zmq_client: str) -> None:
     server = Server.start(BY_NAME["broker"])
     try:
         single = loadgen.run("zmq", "single", server.host, server.port, 60, trials=3, timeout=10)

@@ -23,7 +23,11 @@
  *                            of myecho-bench drives several of these.
  *
  * Options: --size B (message bytes, default 64), --timeout S (per phase,
- * default 10), --src A,B,... (source addresses, used in turn).
+ * default 10), --src A,B,... (source addresses, used in turn), --protocol
+ * zmtp (speak ZeroMQ's wire protocol, ZMTP 3.0, as a REQ socket: a
+ * connection counts once the server's greeting and READY are in, and every
+ * message goes out, and must come back, as an empty delimiter frame and a
+ * body frame; what pyzmq would cost in the client is not measured).
  * Output: one JSON object per line on stdout.  Errors are counted by kind:
  * refused, reset, timeout, eof, mismatch, fd_limit, no_address, other.
  */
@@ -47,6 +51,7 @@
 
 #define PROG "myecho-load"
 #define MAX_SIZE 65536
+#define MAX_WIRE (MAX_SIZE + 16)        /* a message and its ZMTP frame headers */
 #define MAX_SRC 64
 
 enum err { E_REFUSED, E_RESET, E_TIMEOUT, E_EOF, E_MISMATCH, E_FDLIMIT,
@@ -55,7 +60,7 @@ static const char *err_names[E_COUNT] = {
     "refused", "reset", "timeout", "eof", "mismatch", "fd_limit",
     "no_address", "other" };
 
-enum state { S_CONNECTING, S_IDLE, S_WAITING, S_DEAD };
+enum state { S_CONNECTING, S_HANDSHAKE, S_IDLE, S_WAITING, S_DEAD };
 
 struct conn {
     int fd;
@@ -63,12 +68,18 @@ struct conn {
     enum state state;
     size_t got;
     uint64_t t0;                /* start of the current connect or exchange */
+    uint64_t hs, hs_total, hs_size;     /* ZMTP: the peer's handshake so far */
+    int hs_long;
 };
 
 static struct sockaddr_in dst;
 static struct in_addr srcs[MAX_SRC];
 static int nsrc, next_src;
 static size_t msg_size = 64;
+static int zmtp;                /* --protocol zmtp */
+static unsigned char hdr[11];   /* ZMTP: delimiter frame, then the body frame's header */
+static size_t hdr_len;          /* 0 for plain TCP */
+static size_t wire_size;        /* hdr_len + msg_size: the bytes of one message */
 static double timeout_s = 10.0;
 static int ep;
 static long errors[E_COUNT];
@@ -111,6 +122,111 @@ static void fill(char *buf, uint32_t id, uint32_t round)
 {
     for (size_t k = 0; k < msg_size; k++)
         buf[k] = pattern(id, round, k);
+}
+
+/* Byte k of a message as it travels, frame headers included: an echo must
+ * give back exactly what was sent (a REQ envelope is its own reply's). */
+static char wire_byte(uint32_t id, uint32_t round, size_t k)
+{
+    return k < hdr_len ? (char)hdr[k] : pattern(id, round, k - hdr_len);
+}
+
+static void fill_wire(char *buf, uint32_t id, uint32_t round)
+{
+    memcpy(buf, hdr, hdr_len);
+    fill(buf + hdr_len, id, round);
+}
+
+/* ---- ZMTP 3.0, NULL mechanism, as a REQ socket (rfc.zeromq.org/spec/23) */
+
+/* Our greeting (signature, version 3.0, "NULL", as-server 0, filler) and
+ * our READY command (Socket-Type = REQ), sent at once. */
+static const unsigned char zmtp_hello[64 + 27] = {
+    0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0, 'N', 'U', 'L', 'L',
+    [64] = 0x04, 25, 5, 'R', 'E', 'A', 'D', 'Y',
+    11, 'S', 'o', 'c', 'k', 'e', 't', '-', 'T', 'y', 'p', 'e', 0, 0, 0, 3, 'R', 'E', 'Q',
+};
+
+static void zmtp_setup(void)
+{
+    hdr[0] = 0x01;              /* MORE, size 0: the REQ delimiter */
+    hdr[1] = 0x00;
+    if (msg_size <= 255) {
+        hdr[2] = 0x00;
+        hdr[3] = (unsigned char)msg_size;
+        hdr_len = 4;
+    } else {
+        hdr[2] = 0x02;          /* long frame: 8-byte size */
+        for (int i = 0; i < 8; i++)
+            hdr[3 + i] = (unsigned char)((uint64_t)msg_size >> (56 - 8 * i));
+        hdr_len = 11;
+    }
+}
+
+/* How many more bytes of the peer's greeting and READY we need (exactly:
+ * nothing past them is read). */
+static size_t zmtp_need(const struct conn *c)
+{
+    if (c->hs_total)
+        return c->hs_total - c->hs;
+    if (c->hs < 65)
+        return 65 - c->hs;      /* the greeting and the command's flags */
+    return (c->hs_long ? 73 : 66) - c->hs;      /* its size */
+}
+
+/* Take n handshake bytes; -1 if they are not ZMTP 3 from a command. */
+static int zmtp_take(struct conn *c, const unsigned char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        uint64_t k = c->hs++;
+        if ((k == 0 && p[i] != 0xff) || (k == 10 && p[i] < 3))
+            return -1;
+        if (k == 64) {
+            if (!(p[i] & 0x04))
+                return -1;      /* a message before READY */
+            c->hs_long = (p[i] & 0x02) != 0;
+        } else if (k > 64 && !c->hs_total) {
+            c->hs_size = (c->hs_size << 8) | p[i];
+            if (c->hs == (c->hs_long ? 73u : 66u))
+                c->hs_total = c->hs + c->hs_size;
+        } else if (k > 64 && k < c->hs_total - c->hs_size + 6
+                   && p[i] != (unsigned char)"\5READY"[k - (c->hs_total - c->hs_size)]) {
+            return -1;          /* another command than READY */
+        }
+    }
+    return 0;
+}
+
+/* Read what there is of the handshake: 1 done, 0 not yet, -1 failed (errno,
+ * or EPROTO). */
+static int zmtp_read(struct conn *c)
+{
+    unsigned char buf[512];
+    while (!c->hs_total || c->hs < c->hs_total) {
+        size_t need = zmtp_need(c);
+        ssize_t r = recv(c->fd, buf, need < sizeof buf ? need : sizeof buf, 0);
+        if (r > 0) {
+            if (zmtp_take(c, buf, (size_t)r) < 0) {
+                errno = EPROTO;
+                return -1;
+            }
+        } else if (r == 0) {
+            errno = ECONNRESET;
+            return -1;
+        } else if (errno == EAGAIN || errno == EINTR) {
+            return 0;
+        } else {
+            return -1;
+        }
+    }
+    return 1;
+}
+
+static int zmtp_start(struct conn *c)
+{
+    c->hs = c->hs_total = c->hs_size = 0;
+    c->hs_long = 0;
+    return send(c->fd, zmtp_hello, sizeof zmtp_hello, MSG_NOSIGNAL) == (ssize_t)sizeof zmtp_hello ? 0 : -1;
 }
 
 /* A non-blocking socket with connect() started; -1 and errno on failure. */
@@ -211,6 +327,25 @@ static void drop_if_hung_up(struct conn *c, uint32_t events)
         kill_conn(c, E_RESET);
 }
 
+/* TCP is connected: done (1), or the ZMTP handshake begins (0); -1 if the
+ * connection failed (and was killed). */
+static int connected(struct conn *c, int op)
+{
+    if (!zmtp) {
+        c->state = S_IDLE;
+        watch(c, 0, op);
+        return c->state == S_IDLE ? 1 : -1;
+    }
+    if (zmtp_start(c) < 0) {
+        c->state = S_IDLE;
+        kill_conn(c, classify(errno));
+        return -1;
+    }
+    c->state = S_HANDSHAKE;
+    watch(c, EPOLLIN, op);
+    return c->state == S_HANDSHAKE ? 0 : -1;
+}
+
 /* Open n more connections concurrently; returns how many connected. */
 static long open_many(long n, uint64_t *elapsed)
 {
@@ -235,9 +370,9 @@ static long open_many(long n, uint64_t *elapsed)
             if (c->state == S_CONNECTING)
                 pending++;
         } else {
-            c->state = S_IDLE;
-            watch(c, 0, EPOLL_CTL_ADD);
-            ok += c->state == S_IDLE;
+            int r = connected(c, EPOLL_CTL_ADD);
+            ok += r > 0;
+            pending += r == 0;
         }
     }
     while (pending > 0) {
@@ -250,23 +385,37 @@ static long open_many(long n, uint64_t *elapsed)
             struct conn *c = &conns[evs[i].data.u32];
             int soerr = 0;
             socklen_t len = sizeof soerr;
+            if (c->state == S_HANDSHAKE) {
+                int r = zmtp_read(c);
+                if (r == 0)
+                    continue;
+                pending--;
+                if (r < 0) {
+                    kill_conn(c, errno == EPROTO ? E_OTHER : classify(errno));
+                    continue;
+                }
+                c->state = S_IDLE;
+                watch(c, 0, EPOLL_CTL_MOD);
+                ok += c->state == S_IDLE;
+                continue;
+            }
             if (c->state != S_CONNECTING) {
                 drop_if_hung_up(c, evs[i].events);
                 continue;
             }
-            pending--;
             getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &soerr, &len);
             if (soerr) {
+                pending--;
                 kill_conn(c, classify(soerr));
                 continue;
             }
-            c->state = S_IDLE;
-            watch(c, 0, EPOLL_CTL_MOD);
-            ok += c->state == S_IDLE;
+            int r = connected(c, EPOLL_CTL_MOD);
+            ok += r > 0;
+            pending -= r != 0;
         }
     }
     for (size_t i = first; i < nconns; i++)
-        if (conns[i].state == S_CONNECTING)
+        if (conns[i].state == S_CONNECTING || conns[i].state == S_HANDSHAKE)
             kill_conn(&conns[i], E_TIMEOUT);
     *elapsed = now_ns() - t0;
     return ok;
@@ -276,17 +425,17 @@ static long open_many(long n, uint64_t *elapsed)
  * -1 if the connection failed (and was killed). */
 static int take_echo(struct conn *c)
 {
-    char buf[MAX_SIZE];
+    char buf[MAX_WIRE];
     for (;;) {
-        ssize_t r = recv(c->fd, buf, msg_size - c->got, 0);
+        ssize_t r = recv(c->fd, buf, wire_size - c->got, 0);
         if (r > 0) {
             for (ssize_t k = 0; k < r; k++)
-                if (buf[k] != pattern(c->id, c->round, c->got + (size_t)k)) {
+                if (buf[k] != wire_byte(c->id, c->round, c->got + (size_t)k)) {
                     kill_conn(c, E_MISMATCH);
                     return -1;
                 }
             c->got += (size_t)r;
-            if (c->got == msg_size)
+            if (c->got == wire_size)
                 return 1;
         } else if (r == 0) {
             kill_conn(c, E_EOF);
@@ -303,13 +452,13 @@ static int take_echo(struct conn *c)
 /* Send the next message on c; 0, or -1 if the connection failed. */
 static int send_msg(struct conn *c)
 {
-    char buf[MAX_SIZE];
+    char buf[MAX_WIRE];
     c->round++;
     c->got = 0;
-    fill(buf, c->id, c->round);
+    fill_wire(buf, c->id, c->round);
     c->t0 = now_ns();
-    ssize_t w = send(c->fd, buf, msg_size, MSG_NOSIGNAL);
-    if (w != (ssize_t)msg_size) {   /* small messages always fit the buffer */
+    ssize_t w = send(c->fd, buf, wire_size, MSG_NOSIGNAL);
+    if (w != (ssize_t)wire_size) {  /* small messages always fit the buffer */
         kill_conn(c, w < 0 ? classify(errno) : E_OTHER);
         return -1;
     }
@@ -396,14 +545,14 @@ static int wait_fd(int fd, short events, uint64_t deadline)
  * set, or EPROTO for a wrong echo, ENODATA for EOF). */
 static uint64_t exchange(int fd, uint32_t id, uint32_t round)
 {
-    char out[MAX_SIZE], in[MAX_SIZE];
+    char out[MAX_WIRE], in[MAX_WIRE];
     size_t got = 0;
     uint64_t t0 = now_ns(), deadline = t0 + (uint64_t)(timeout_s * 1e9);
-    fill(out, id, round);
-    if (send(fd, out, msg_size, MSG_NOSIGNAL) != (ssize_t)msg_size)
+    fill_wire(out, id, round);
+    if (send(fd, out, wire_size, MSG_NOSIGNAL) != (ssize_t)wire_size)
         return 0;
-    while (got < msg_size) {
-        ssize_t r = recv(fd, in + got, msg_size - got, 0);
+    while (got < wire_size) {
+        ssize_t r = recv(fd, in + got, wire_size - got, 0);
         if (r > 0) {
             got += (size_t)r;
         } else if (r == 0) {
@@ -416,11 +565,24 @@ static uint64_t exchange(int fd, uint32_t id, uint32_t round)
             return 0;
         }
     }
-    if (memcmp(in, out, msg_size) != 0) {
+    if (memcmp(in, out, wire_size) != 0) {
         errno = EPROTO;
         return 0;
     }
     return now_ns() - t0 ? now_ns() - t0 : 1;
+}
+
+/* The ZMTP handshake on one connection, waiting for each part. */
+static int handshake(int fd, uint64_t deadline)
+{
+    struct conn c = { .fd = fd };
+    int r;
+    if (zmtp_start(&c) < 0)
+        return -1;
+    while ((r = zmtp_read(&c)) == 0)
+        if (wait_fd(fd, POLLIN, deadline) < 0)
+            return -1;
+    return r < 0 ? -1 : 0;
 }
 
 static void count_errno(int e)
@@ -448,6 +610,12 @@ static int mode_single(long trials)
                 || getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &len) < 0
                 || soerr)) {
             count_errno(soerr ? soerr : errno);
+            close(fd);
+            failed_in_a_row++;
+            continue;
+        }
+        if (zmtp && handshake(fd, deadline) < 0) {
+            count_errno(errno == EPROTO ? EIO : errno);   /* not ZMTP: "other" */
             close(fd);
             failed_in_a_row++;
             continue;
@@ -639,6 +807,7 @@ static void usage(void)
         "  --size B        message bytes, 2-65536 (default 64)\n"
         "  --timeout S     per connect/echo phase (default 10)\n"
         "  --src A,B,...   IPv4 source addresses, used in turn\n"
+        "  --protocol P    tcp (default), or zmtp: ZeroMQ's, as a REQ socket\n"
         "hold reads 'open N', 'echo', 'quit' lines on stdin.\n"
         "One JSON object per line on stdout.\n");
 }
@@ -670,6 +839,11 @@ int main(int argc, char **argv)
                 msg_size = (size_t)atol(v);
             else if (!strcmp(a, "--timeout"))
                 timeout_s = atof(v);
+            else if (!strcmp(a, "--protocol")) {
+                if (strcmp(v, "tcp") && strcmp(v, "zmtp"))
+                    die("--protocol is tcp or zmtp");
+                zmtp = !strcmp(v, "zmtp");
+            }
             else if (!strcmp(a, "--src")) {
                 char *list = strdup(v), *save = NULL;
                 for (char *s = strtok_r(list, ",", &save); s && nsrc < MAX_SRC;
@@ -693,6 +867,9 @@ int main(int argc, char **argv)
         die("need MODE HOST PORT (try --help)");
     if (msg_size < 2 || msg_size > MAX_SIZE || count < 1 || timeout_s <= 0)
         die("bad --size, --trials/--conns or --timeout");
+    if (zmtp)
+        zmtp_setup();
+    wire_size = hdr_len + msg_size;
     dst.sin_family = AF_INET;
     dst.sin_port = htons((uint16_t)atoi(port));
     if (inet_pton(AF_INET, host, &dst.sin_addr) != 1)

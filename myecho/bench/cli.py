@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from myecho import __version__
-from myecho.bench import procs
+from myecho.bench import loadgen, procs
 from myecho.bench.report import Report
 from myecho.bench.scenarios import ModelResult, Runner, Settings
 from myecho.bench.servers import BY_NAME, INSTALLED_PORTS, MODELS, unavailable
@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="per phase of the 100/1000-connection tests (default 60; quick 15)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--zmq-client",
+        choices=("zmtp", "pyzmq"),
+        default="zmtp",
+        help="the zmq models' load generator: myecho-load speaking ZMTP (default), or pyzmq REQ sockets "
+        "(costs as much CPU as the server: a cross-check, not a measure)",
+    )
     parser.add_argument(
         "--check-loadgen",
         action="store_true",
@@ -247,6 +254,7 @@ def pipeline_table(runs: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
+    loadgen.ZMQ_CLIENT = options.zmq_client
     if options.check_loadgen:
         from myecho.bench.validate import check_loadgen
 
@@ -300,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timeout_s": settings.timeout,
             "multi_timeout_s": settings.multi_timeout,
             "ramp_limit": settings.ramp_limit,
+            "zmq_client": loadgen.ZMQ_CLIENT,
         },
     }
     if pipeline:

@@ -1,7 +1,13 @@
-"""Drive the load generators: the C epoll client for TCP, pyzmq for zmq.
+"""Drive the load generators: the C epoll client, for TCP and for zmq.
 
-Both speak the same command line and print one JSON object per line
-(see benchmarks/c/myecho-load.c), so a scenario never cares which one runs.
+``myecho-load --protocol zmtp`` speaks ZeroMQ's wire protocol itself, as a
+REQ socket: a pyzmq client costs about as much CPU per round trip as the
+zmq model it measures (and most of a 1,000-connection burst is pyzmq
+creating sockets), so it would measure itself. The pyzmq client
+(``myecho.bench.zmqload``, ``ZMQ_CLIENT = "pyzmq"``) is kept to
+cross-check: both speak the same command line and print one JSON object per
+line (see benchmarks/c/myecho-load.c), so a scenario never cares which one
+runs.
 The load generator runs in processes of its own: its CPU is not ours, and
 the ramp can spread connections over several of them, each with its own
 file-descriptor limit and its own source addresses (127.0.0.x).
@@ -19,6 +25,8 @@ from typing import IO, Any
 from myecho.bench.servers import program
 
 Json = dict[str, Any]
+#: Which client measures the zmq models: "zmtp" (myecho-load) or "pyzmq".
+ZMQ_CLIENT = "zmtp"
 
 
 class LoadError(RuntimeError):
@@ -27,8 +35,10 @@ class LoadError(RuntimeError):
 
 def command(protocol: str, mode: str, host: str, port: int, **options: object) -> list[str]:
     """argv of the load generator for ``protocol`` ("tcp" or "zmq")."""
-    if protocol == "zmq":
+    if protocol == "zmq" and ZMQ_CLIENT == "pyzmq":
         argv = [sys.executable, "-m", "myecho.bench.zmqload", mode]
+    elif protocol == "zmq":
+        argv = [str(program("myecho-load")), mode, "--protocol", "zmtp"]
     else:
         argv = [str(program("myecho-load")), mode]
     for name, value in options.items():

@@ -9,7 +9,14 @@ connection), xinetd the inetd model under xinetd, "multi" the fork model,
 from __future__ import annotations
 
 #: model name -> the talk's row label
-TALK_ROW = {"c": "C", "inetd-xinetd": "xinetd", "fork": "multi", "fork-classic": "multi", "select": "mono", "zmq": "zmq"}
+TALK_ROW = {
+    "c": "C",
+    "inetd-xinetd": "xinetd",
+    "fork": "multi",
+    "fork-classic": "multi",
+    "select": "mono",
+    "zmq": "zmq",
+}
 
 #: the talk's row -> (connect, exchange 1, exchange 2)
 SINGLE = {
