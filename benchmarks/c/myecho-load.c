@@ -6,8 +6,9 @@
  * Usage: myecho-load MODE [options] HOST PORT
  *
  *   single  --trials N       N sequential connections, each: connect(),
- *                            exchange 1, exchange 2, close.  Prints the
- *                            three durations of every trial (ns).
+ *           --gap S          exchange 1, exchange 2, close, then a pause of
+ *                            S seconds (default 0).  Prints the three
+ *                            durations of every trial (ns).
  *   burst   --conns N        open N connections at once, then send one
  *                            message on each: the time until all are
  *                            connected, then until all echoes are back.
@@ -590,8 +591,10 @@ static void count_errno(int e)
     errors[e == EPROTO ? E_MISMATCH : e == ENODATA ? E_EOF : classify(e)]++;
 }
 
-static int mode_single(long trials)
+static int mode_single(long trials, double gap)
 {
+    struct timespec pause = { .tv_sec = (time_t)gap,
+                              .tv_nsec = (long)((gap - (double)(time_t)gap) * 1e9) };
     uint64_t *t = calloc((size_t)trials * 3, sizeof *t);
     long done = 0, failed_in_a_row = 0;
     if (!t)
@@ -630,6 +633,8 @@ static int mode_single(long trials)
             continue;
         }
         close(fd);
+        if (gap > 0)
+            nanosleep(&pause, NULL);    /* the next trial starts on an idle server */
         failed_in_a_row = 0;
         t[3 * done] = tc;
         t[3 * done + 1] = e1;
@@ -804,6 +809,7 @@ static void usage(void)
         "  --conns N       burst, rr: concurrent connections (default 100)\n"
         "  --duration S    rr: measured seconds (default 2)\n"
         "  --warmup S      rr: seconds before measuring (default 0.2)\n"
+        "  --gap S         single: seconds between trials (default 0)\n"
         "  --size B        message bytes, 2-65536 (default 64)\n"
         "  --timeout S     per connect/echo phase (default 10)\n"
         "  --src A,B,...   IPv4 source addresses, used in turn\n"
@@ -816,7 +822,7 @@ int main(int argc, char **argv)
 {
     const char *mode = NULL, *host = NULL, *port = NULL;
     long count = 100;
-    double duration = 2.0, warmup = 0.2;
+    double duration = 2.0, warmup = 0.2, gap = 0;
     struct rlimit rl;
 
     for (int i = 1; i < argc; i++) {
@@ -835,6 +841,8 @@ int main(int argc, char **argv)
                 duration = atof(v);
             else if (!strcmp(a, "--warmup"))
                 warmup = atof(v);
+            else if (!strcmp(a, "--gap"))
+                gap = atof(v);
             else if (!strcmp(a, "--size"))
                 msg_size = (size_t)atol(v);
             else if (!strcmp(a, "--timeout"))
@@ -865,7 +873,7 @@ int main(int argc, char **argv)
     }
     if (!mode || !host || !port)
         die("need MODE HOST PORT (try --help)");
-    if (msg_size < 2 || msg_size > MAX_SIZE || count < 1 || timeout_s <= 0)
+    if (msg_size < 2 || msg_size > MAX_SIZE || count < 1 || timeout_s <= 0 || gap < 0 || gap > 60)
         die("bad --size, --trials/--conns or --timeout");
     if (zmtp)
         zmtp_setup();
@@ -884,7 +892,7 @@ int main(int argc, char **argv)
     if (ep < 0)
         die("epoll_create1");
     if (!strcmp(mode, "single"))
-        return mode_single(count);
+        return mode_single(count, gap);
     if (!strcmp(mode, "burst"))
         return mode_burst(count);
     if (!strcmp(mode, "rr"))

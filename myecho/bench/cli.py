@@ -22,14 +22,17 @@ from myecho.bench.servers import BY_NAME, INSTALLED_PORTS, MODELS, unavailable
 
 COLUMNS = """\
 columns (every duration is measured by the client, on this machine's loopback):
- single connection - a fresh connection per trial, --trials trials, one at a time:
+ single connection - a fresh connection per trial, --trials trials, one at a time,
+                   --single-gap seconds apart (each starts on an idle server):
   Connect          socket() + connect() until the TCP handshake is done (for zmq: until
-                   libzmq reports the ZMTP handshake done). On loopback the kernel answers the
+                   the server's ZMTP greeting and READY are in). On loopback the kernel answers the
                    SYN, so this is the same for every model unless the backlog is full.
   Exchange 1       the first message (64 bytes) sent, until its echo is back and checked:
                    includes accept(), and fork or program start for fork/inetd models.
   Exchange 2       the second message on the same connection: the steady-state round trip.
                    Each is the median over the trials, with the 99th percentile beside it.
+  Exch. 1, back to back  exchange 1 again, with the trials run back to back: a server whose
+                   per-connection work (fork, exit) outlasts the client's cycle shows it here.
  multiple connections - N connections opened at once (non-blocking connects), then:
   N connections    time until all N are connected (SYNs dropped by a full listen backlog
                    are retried by the kernel after 1 s, 3 s, ...: that is what makes it slow).
@@ -98,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--charts", type=Path, metavar="DIR", help="write one PNG chart per table (needs matplotlib)")
     parser.add_argument("--scenarios", metavar="LIST", help="only these of: single,multi,throughput,ramp,pipeline")
     parser.add_argument("--trials", type=int, metavar="N", help="single-connection trials (default 300; quick 40)")
+    parser.add_argument(
+        "--single-gap",
+        type=float,
+        metavar="S",
+        help="seconds between single-connection trials, so each starts on an idle server (default 0.005); "
+        "the same trials run once more back to back, for their own column",
+    )
     parser.add_argument("--repeats", type=int, metavar="N", help="runs of each multiple/round-trip test (default 3)")
     parser.add_argument("--duration", type=float, metavar="S", help="seconds of each round-trip run (default 3)")
     parser.add_argument("--ramp-limit", type=int, metavar="N", help="the ramp's last step (default 20000; quick 1000)")
@@ -159,7 +169,7 @@ class Progress:
 
 def settings_from(options: argparse.Namespace) -> Settings:
     settings = Settings.quick() if options.quick else Settings()
-    for name in ("trials", "repeats", "duration", "ramp_limit", "timeout", "multi_timeout"):
+    for name in ("trials", "single_gap", "repeats", "duration", "ramp_limit", "timeout", "multi_timeout"):
         value = getattr(options, name)
         if value is not None:
             if value <= 0:
@@ -308,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timeout_s": settings.timeout,
             "multi_timeout_s": settings.multi_timeout,
             "ramp_limit": settings.ramp_limit,
+            "single_gap_s": settings.single_gap,
             "zmq_client": loadgen.ZMQ_CLIENT,
         },
     }

@@ -103,14 +103,14 @@ class Report:
 
     # ---- table 1: single connection -------------------------------------
     def single_table(self, markdown: bool = False) -> str:
-        headers = ["Model", "Connect", "Exchange 1", "Exchange 2"]
+        headers = ["Model", "Connect", "Exchange 1", "Exchange 2", "Exch. 1, back to back"]
         if self.with_talk:
             headers += ["talk: Connect", "Exch. 1", "Exch. 2"]
         rows = []
         for result in self.rows_of():
             single = result.single
             row = [result.label]
-            for name in ("connect", "exchange1", "exchange2"):
+            for name in ("connect", "exchange1", "exchange2", "exchange1_back_to_back"):
                 summary: Summary | None = getattr(single, name) if single else None
 
                 def pick(r: ModelResult, name: str = name) -> float | None:

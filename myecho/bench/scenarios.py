@@ -26,6 +26,11 @@ class Settings:
     """How long and how hard to measure; ``quick()`` is the smoke run."""
 
     trials: int = 300
+    #: Seconds between single-connection trials: each starts on an idle
+    #: server, as a lone client's does. Back to back, a server that forks
+    #: spends each gap's CPU on the previous connection's exit and the next
+    #: fork, and the trial measures that queue (its own column).
+    single_gap: float = 0.005
     repeats: int = 3
     connections: tuple[int, ...] = (100, 1000)
     clients: tuple[int, ...] = (1, 32, 256)
@@ -61,6 +66,7 @@ class SingleResult:
     connect: Summary | None
     exchange1: Summary | None
     exchange2: Summary | None
+    exchange1_back_to_back: Summary | None = None  # the same trials with no gap between them
 
 
 @dataclass
@@ -342,15 +348,21 @@ class Runner:
         return {"size": self.settings.message_size, "timeout": self.settings.timeout}
 
     def single(self, model: Model, result: ModelResult, server: Server) -> None:
-        self.progress(f"{model.name}: single connection, {self.settings.trials} trials")
+        trials, gap = self.settings.trials, self.settings.single_gap
+        self.progress(f"{model.name}: single connection, {trials} trials, {gap * 1000:g} ms apart")
         out = loadgen.run(
             model.protocol,
             "single",
             server.host,
             server.port,
-            self.settings.trials * 5 + 60,
-            trials=self.settings.trials,
+            trials * (5 + gap) + 60,
+            trials=trials,
+            gap=gap,
             **self.load_options(),
+        )
+        self.progress(f"{model.name}: single connection, {trials} trials, back to back")
+        back_to_back = loadgen.run(
+            model.protocol, "single", server.host, server.port, trials * 5 + 60, trials=trials, **self.load_options()
         )
         result.single = SingleResult(
             int(out["trials"]),
@@ -358,6 +370,7 @@ class Runner:
             Summary.of([t / NS for t in out["connect"]]),
             Summary.of([t / NS for t in out["exchange1"]]),
             Summary.of([t / NS for t in out["exchange2"]]),
+            Summary.of([t / NS for t in back_to_back["exchange1"]]),
         )
 
     def multi(self, model: Model, result: ModelResult, count: int, server: Server) -> None:

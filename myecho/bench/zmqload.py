@@ -175,7 +175,7 @@ def emit(fields: dict[str, Any], errors: Counter[str]) -> None:
     print(json.dumps({**fields, "errors": dict(errors)}), flush=True)
 
 
-def single(load: Load, trials: int) -> None:
+def single(load: Load, trials: int, gap: float = 0.0) -> None:
     times: dict[str, list[int]] = {"connect": [], "exchange1": [], "exchange2": []}
     failed_in_a_row = 0
     for _ in range(trials):
@@ -197,6 +197,7 @@ def single(load: Load, trials: int) -> None:
                 break
             exchanges.append(time.perf_counter_ns() - client.t0)
         load.close()
+        time.sleep(gap)
         if len(exchanges) == 2 and sum(load.errors.values()) == before:
             failed_in_a_row = 0
             times["connect"].append(connect_ns)
@@ -311,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=0.2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--gap", type=float, default=0.0)
     parser.add_argument("--src", default="")
     options = parser.parse_args(argv)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -318,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     load = Load(options.host, options.port, options.size, options.timeout, [s for s in options.src.split(",") if s])
     try:
         if options.mode == "single":
-            single(load, options.count)
+            single(load, options.count, options.gap)
         elif options.mode == "burst":
             burst(load, options.count)
         elif options.mode == "rr":

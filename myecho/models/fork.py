@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from myecho.accepting import LISTENER, Acceptor
-from myecho.models.spawner import MESSAGE, REPORT, serve_connection
+from myecho.models.spawner import MESSAGE, REPORT, reaped, serve_connection
 from myecho.runtime import Runtime
 from myecho.sockets import describe
 
@@ -250,13 +250,7 @@ class ForkServer:
 
     # -- the parent's bookkeeping ---------------------------------------------
     def reap(self) -> None:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid in reaped():
             if self.spawner is not None and pid == self.spawner.pid:
                 self.spawner_lost()
             elif pid in self.children:

@@ -28,7 +28,7 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 #: Each child writes (bytes, reads) once, at exit: 16 bytes, well under
 #: PIPE_BUF, so reports from many children never interleave.
@@ -52,6 +52,18 @@ def die_with(parent: int) -> bool:
             _prctl.append(lambda *args: 0)
     _prctl[0](PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     return os.getppid() == parent
+
+
+def reaped() -> Iterator[int]:
+    """Every child that has exited, without blocking: none is left a zombie."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid
 
 
 def serve_connection(conn: socket.socket, reports: int | None) -> int:
@@ -127,13 +139,7 @@ class Spawner:
             socket.send_fds(self.control, [MESSAGE.pack(b"S", pid)], [ours.fileno()])
 
     def reap(self) -> None:
-        while True:
-            try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid in reaped():
             self.control.send(MESSAGE.pack(b"X", pid))
 
     def run(self) -> int:
