@@ -108,6 +108,31 @@ def test_zmq_client_against_the_zmq_model(zmq_client: str) -> None:
     assert big["trials"] == 2 and big["errors"] == {}  # 65,536 bytes: a long ZMTP frame
 
 
+def test_zmq_round_trips_and_the_ramps_hold_mode(zmq_client: str) -> None:
+    server = Server.start(BY_NAME["zmq"])
+    holder = None
+    try:
+        starts: list[float] = []
+        rr = loadgen.round_trips("zmq", server.host, server.port, 30, lambda: starts.append(1.0), conns=8,
+                                 duration=0.3, warmup=0.05)
+        holder = loadgen.Holder("zmq", server.host, server.port, [], timeout=5)
+        holder.send("open 20")
+        opened = holder.result()
+        holder.send("echo")
+        echoed = holder.result()
+        holder.send("what")
+        unknown = holder.result()
+    finally:
+        if holder is not None:
+            holder.close()
+        server.stop()
+    assert starts == [1.0] and rr["errors"] == {} and rr["live"] == 8 and rr["round_trips"] > 50
+    assert 0 < rr["p50_ns"] <= rr["p99_ns"] <= rr["max_ns"]
+    assert opened["new"] == 20 and opened["live"] == 20
+    assert echoed["ok"] == 20 and echoed["errors"] == {}
+    assert unknown["cmd"] == "?"
+
+
 def test_zmtp_client_speaks_to_a_plain_rep_socket() -> None:
     """Not only to our server: a REP socket of pyzmq's, which enforces REQ/REP."""
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
