@@ -20,7 +20,6 @@ parent logs it and goes back to forking itself.
 """
 
 import contextlib
-import ctypes
 import gc
 import os
 import selectors
@@ -28,31 +27,16 @@ import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from myecho.accepting import LISTENER, Acceptor
-from myecho.models.spawner import MESSAGE, REPORT, reaped, serve_connection
+from myecho.models.spawner import MESSAGE, REPORT, die_with, load_prctl, reaped, serve_connection
 from myecho.runtime import Runtime
 from myecho.sockets import describe
 
-PR_SET_PDEATHSIG = 1
 SPAWNER = Path(__file__).with_name("spawner.py")
-
-
-_prctl: Callable[..., int] | None
-try:  # loaded once here: a child must start echoing as soon as it can
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not glibc/Linux: children rely on the parent's SIGTERM
-    _prctl = None
-
-
-def _die_with(parent: int) -> bool:
-    """Have the kernel SIGTERM us when the parent dies; False if it already has."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    return os.getppid() == parent
+load_prctl()  # here, once: a child forked after accept must start echoing as soon as it can
 
 
 @dataclass
@@ -172,7 +156,7 @@ class ForkServer:
     # -- the child ----------------------------------------------------------
     def child(self, conn: socket.socket, parent: int) -> int:
         """Echo one connection; default signal actions, no systemd, no listeners."""
-        if not _die_with(parent):
+        if not die_with(parent):
             return 0  # the parent died between fork and prctl
         self.rt.signals.close()
         self.rt.notifier.disable()

@@ -38,11 +38,12 @@ MESSAGE = struct.Struct("=ci")
 PR_SET_PDEATHSIG = 1
 
 
-_prctl: list[Callable[..., int]] = []  # libc's, loaded once, before any fork
+_prctl: list[Callable[..., int]] = []  # libc's
 
 
-def die_with(parent: int) -> bool:
-    """Have the kernel SIGTERM us when ``parent`` dies; False if it already has."""
+def load_prctl() -> None:
+    """Load libc's prctl once, in the process that forks: loading it in each
+    child (ctypes, dlopen) would cost that child milliseconds."""
     if not _prctl:
         try:
             import ctypes
@@ -50,6 +51,11 @@ def die_with(parent: int) -> bool:
             _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
         except (ImportError, OSError, AttributeError):  # not glibc/Linux: the parent's SIGTERM must do
             _prctl.append(lambda *args: 0)
+
+
+def die_with(parent: int) -> bool:
+    """Have the kernel SIGTERM us when ``parent`` dies; False if it already has."""
+    load_prctl()
     _prctl[0](PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     return os.getppid() == parent
 
@@ -76,7 +82,7 @@ def serve_connection(conn: socket.socket, reports: int | None) -> int:
         conn.shutdown(socket.SHUT_WR)
     except OSError:
         code = 1
-    figures = REPORT.pack(total, reads)
+    figures = REPORT.pack(total, reads)  # packed for the warm-up too: its pages are the point
     if reports is not None:
         os.write(reports, figures)
     return code
