@@ -113,11 +113,18 @@ def test_spares_are_handed_connections_and_replaced(serve: ServeFactory) -> None
     spares = wait_for_spares(spawner, 4)
     sock = server.connect()
     assert roundtrip(sock, b"first") == b"first"
-    # The oldest spare serves it; a new one replaces it.
+    # A spare serves it (the parent forked nothing) and a new one replaces it.
+    assert children_of(server.proc.pid) == [spawner]
     after = wait_for_spares(spawner, 5)
-    assert spares[0] in after or set(spares) <= set(after)
+    assert set(spares) < set(after)
     sock.close()
-    wait_for_spares(spawner, 4)
+    # The oldest spare had the connection, and exited with it.
+    def without_the_first() -> list[int] | None:
+        left = children_of(spawner)
+        return left if spares[0] not in left else None
+
+    final = wait_until(without_the_first, what="the serving spare gone")
+    assert set(final) == set(after) - {spares[0]}
 
 
 def test_reload_changes_the_number_of_spares(serve: ServeFactory, tmp_path: Path) -> None:

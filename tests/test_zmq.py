@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 from conftest import ServeFactory
-from support import Server, command, random_bytes
+from support import Server, command, random_bytes, wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -40,6 +40,25 @@ def test_the_talks_exchange(serve: ServeFactory, context: Context) -> None:
     client = req(context, f"tcp://127.0.0.1:{server.port}")
     client.send(b"bonjour")
     assert client.recv() == b"bonjour"
+
+
+def test_status_counts_open_connections(serve: ServeFactory, context: Context) -> None:
+    """libzmq's monitor events (accepted, disconnected) are what STATUS counts."""
+    server = serve("zmq")
+    assert server.notify is not None
+    clients = [req(context, f"tcp://127.0.0.1:{server.port}") for _ in range(2)]
+    for client in clients:
+        client.send(b"hi")
+        assert client.recv() == b"hi"
+
+    def status_says(text: str) -> bool:
+        assert server.notify is not None
+        return text in (server.notify.receive(2) or {}).get("STATUS", "")
+
+    wait_until(lambda: status_says("2 open, 2 served, 2 messages, 4 bytes"), what="2 open in STATUS")
+    clients.pop().close(linger=0)
+    wait_until(lambda: status_says("1 open, 2 served"), what="1 open in STATUS")
+    clients[0].close(linger=0)
 
 
 def test_binary_and_large_messages(serve: ServeFactory, context: Context) -> None:
