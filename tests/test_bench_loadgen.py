@@ -95,8 +95,10 @@ def zmq_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) 
     return str(request.param)
 
 
-def test_zmq_client_against_the_zmq_model(zmq_client: str) -> None:
-    server = Server.start(BY_NAME["zmq"])
+@pytest.mark.parametrize("model", ["zmq", "zmq-c"])
+def test_zmq_client_against_the_zmq_model(zmq_client: str, model: str) -> None:
+    """Both clients against the zmq model and its C limit (zmq-echo)."""
+    server = Server.start(BY_NAME[model])
     try:
         single = loadgen.run("zmq", "single", server.host, server.port, 60, trials=3, timeout=5)
         burst = loadgen.burst("zmq", server.host, server.port, 50, 60, lambda result: None, timeout=5)

@@ -71,3 +71,36 @@ def test_check_loadgen_compares_with_redis_benchmark(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "redis-benchmark" in out and "ratio" in out
     assert status in (0, 1)  # one short round on a shared machine proves nothing either way
+
+
+def test_zmq_limit_echoes_frame_for_frame_and_stops() -> None:
+    """zmq-echo, the zmq models' C limit: REQ and DEALER clients get every
+    frame back while a peer that does not speak ZMTP is connected; SIGTERM
+    exits 0. It is built with the package (libzmq3-dev): a missing binary
+    is a failure that says so, never a skip."""
+    import zmq
+
+    model = BY_NAME["zmq-c"]
+    assert unavailable(model) is None, unavailable(model)
+    server = Server.start(model)
+    context = zmq.Context()
+    try:
+        garbage = socket.create_connection((server.host, server.port), timeout=10)
+        garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" + bytes(range(256)))
+        endpoint = f"tcp://{server.host}:{server.port}"
+        req = context.socket(zmq.REQ)
+        req.connect(endpoint)
+        req.send(b"\x00line\r\n\xff")
+        assert req.poll(10_000) and req.recv() == b"\x00line\r\n\xff"
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(endpoint)
+        frames = [b"", b"one", b"", bytes(range(256)) * 300]
+        dealer.send_multipart(frames)
+        assert dealer.poll(10_000) and dealer.recv_multipart() == frames
+        memory = server.memory()
+        assert memory is not None and memory.processes == 1
+        garbage.close()
+    finally:
+        context.destroy(linger=0)
+        server.stop()
+    assert server.proc is not None and server.proc.returncode == 0

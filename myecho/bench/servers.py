@@ -57,6 +57,13 @@ MODELS = (
     Model("c", "C (myecho-c)", "tcp", "the talk's C echo, fork per connection, corrected: the reference", True),
     Model("epoll", "C epoll (limit)", "tcp", "a minimal single-threaded C epoll echo: the limit", True),
     Model(
+        "zmq-c",
+        "C libzmq (limit)",
+        "zmq",
+        "a minimal C ROUTER echo on libzmq, set up as the zmq model: the limit of the zmq models",
+        True,
+    ),
+    Model(
         "inetd-xinetd",
         "inetd by xinetd",
         "tcp",
@@ -95,6 +102,8 @@ MODELS = (
     Model("uvloop", "Python uvloop", "tcp", "asyncio.Protocol echo on uvloop", True),
 )
 BY_NAME = {model.name: model for model in MODELS}
+#: The references that are C programs of the package: model -> program.
+C_PROGRAMS = {"c": "myecho-c", "epoll": "epoll-echo", "zmq-c": "zmq-echo"}
 
 XINETD_SERVICE = """\
 service myecho-bench
@@ -116,7 +125,7 @@ XINETD_LIFTED = "    cps         = 1000000 1\n    instances   = UNLIMITED\n    p
 
 
 def program(name: str) -> Path:
-    """A compiled program of the package (myecho-c, epoll-echo, myecho-load).
+    """A compiled program of the package (myecho-c, epoll-echo, zmq-echo, myecho-load).
 
     Beside the imported package first; when that is a source tree without
     the compiled programs (tests run from a checkout), the installed one.
@@ -154,9 +163,13 @@ def xinetd_path() -> str | None:
 
 def unavailable(model: Model) -> str | None:
     """Why this model cannot be measured here, or None if it can."""
-    if model.name in ("c", "epoll"):
-        binary = program("myecho-c" if model.name == "c" else "epoll-echo")
-        return None if binary.exists() else f"{binary} was not built (no C compiler at install?)"
+    if model.name in C_PROGRAMS:
+        binary = program(C_PROGRAMS[model.name])
+        if binary.exists():
+            return None
+        if model.name == "zmq-c":
+            return f"{binary} was not built (no libzmq3-dev at install: apt-get install libzmq3-dev, reinstall)"
+        return f"{binary} was not built (no C compiler at install?)"
     if model.name.startswith("inetd-xinetd"):
         return None if xinetd_path() else "xinetd is not installed (apt-get install xinetd)"
     if model.name == "inetd-systemd":
@@ -228,10 +241,8 @@ def launch_command(model: Model, port: int, workdir: Path) -> Launch:
     """The command line that runs ``model`` on 127.0.0.1:``port``."""
     myecho = myecho_command()
     python_model = ["--port", str(port), "--graceful-timeout", "1", "--log-level", "warning"]
-    if model.name == "c":
-        return Launch([str(program("myecho-c")), "--host", "127.0.0.1", str(port)], False)
-    if model.name == "epoll":
-        return Launch([str(program("epoll-echo")), "--host", "127.0.0.1", str(port)], False)
+    if model.name in C_PROGRAMS:
+        return Launch([str(program(C_PROGRAMS[model.name])), "--host", "127.0.0.1", str(port)], False)
     if model.name in ("fork", "select", "zmq"):
         return Launch([myecho, "serve", model.name, *python_model], True)
     if model.name == "fork-classic":
