@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import zmq
+
 BIN = Path(sys.executable).parent
 
 
@@ -318,3 +320,13 @@ def wait_status(server: Server, needle: str, timeout: float = 10.0) -> str:
         if server.proc.poll() is not None:
             break
     raise AssertionError(f"no STATUS with {needle!r} in {timeout} s; stderr:\n{server.stderr}")
+
+
+def req(ctx: zmq.Context[zmq.Socket[bytes]], url: str) -> zmq.Socket[bytes]:
+    """A REQ client, as the talk's: no linger, and a 10 s receive timeout so
+    that a missing answer fails the test instead of hanging it."""
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 10_000)
+    sock.connect(url)
+    return sock

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from support import NotifySocket, Server, command, free_port, random_bytes, wait_status
+from support import NotifySocket, Server, command, free_port, random_bytes, req, wait_status
 
 from myecho.patterns import measure
 
@@ -85,14 +85,6 @@ def context() -> Iterator[Context]:
     ctx: Context = zmq.Context()
     yield ctx
     ctx.destroy(linger=0)
-
-
-def req(ctx: Context, url: str) -> zmq.Socket[bytes]:
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(url)
-    return sock
 
 
 def dealer(ctx: Context, url: str) -> zmq.Socket[bytes]:

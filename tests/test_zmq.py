@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 from conftest import ServeFactory
-from support import Server, command, random_bytes, wait_until
+from support import Server, command, random_bytes, req, wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
@@ -25,14 +25,6 @@ def context() -> Context:
     ctx: Context = zmq.Context()
     yield ctx  # type: ignore[misc]
     ctx.destroy(linger=0)
-
-
-def req(ctx: Context, url: str) -> zmq.Socket[bytes]:
-    sock = ctx.socket(zmq.REQ)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.RCVTIMEO, 10_000)
-    sock.connect(url)
-    return sock
 
 
 def test_the_talks_exchange(serve: ServeFactory, context: Context) -> None:
