@@ -20,9 +20,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import zmq
+if TYPE_CHECKING:  # imported where used: the system suite's tox env has no pyzmq
+    import zmq
 
 BIN = Path(sys.executable).parent
 
@@ -325,6 +326,8 @@ def wait_status(server: Server, needle: str, timeout: float = 10.0) -> str:
 def req(ctx: zmq.Context[zmq.Socket[bytes]], url: str) -> zmq.Socket[bytes]:
     """A REQ client, as the talk's: no linger, and a 10 s receive timeout so
     that a missing answer fails the test instead of hanging it."""
+    import zmq
+
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 10_000)
