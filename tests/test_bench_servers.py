@@ -70,6 +70,7 @@ def test_check_loadgen_compares_with_redis_benchmark(capsys: pytest.CaptureFixtu
     status = check_loadgen(lambda message: None, rounds=1, duration=0.3)
     out = capsys.readouterr().out
     assert "redis-benchmark" in out and "ratio" in out
+    assert "pyzmq REQ" in out and out.count("ratio") == 4  # TCP and ZeroMQ, 1 and 32 clients each
     assert status in (0, 1)  # one short round on a shared machine proves nothing either way
 
 

@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--check-loadgen",
         action="store_true",
-        help="compare myecho-load's round trips/s against myecho-c with an independent client "
-        "(redis-benchmark, from redis-tools) and exit",
+        help="compare myecho-load's round trips/s with independent clients and exit: redis-benchmark "
+        "(redis-tools) against myecho-c, then libzmq's REQ sockets (pyzmq) against the C libzmq echo",
     )
     return parser
 
