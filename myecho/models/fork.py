@@ -13,9 +13,14 @@ after each accept, exactly as the talk does, and pays a fork of its whole
 interpreter (about 20 MB) between the client's connect and its first
 echo. By default a small spawner process (``spawner.py``) forks children
 *ahead* of need, beside the parent: the parent hands each accepted
-connection to a waiting spare (SCM_RIGHTS) and asks for a replacement.
-Still one process per connection, still a parent that accepts; the fork
-is just no longer on the client's clock. Should the spawner die, the
+connection to a waiting spare (SCM_RIGHTS) and asks for a replacement
+once the parent has been quiet for ``REPLENISH_DELAY`` (at once when
+fewer than half the spares are left): a replacement forked right away
+would take its copy-on-write faults while the connection it replaces is
+in its first exchanges, and on two cores delay them. Apache's prefork
+tops up its spares the same way, when idle (once a second). Still one
+process per connection, still a parent that accepts; the fork is just no
+longer on the client's clock. Should the spawner die, the
 parent logs it and goes back to forking itself.
 """
 
@@ -26,6 +31,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,10 @@ from myecho.runtime import Runtime
 from myecho.sockets import describe
 
 SPAWNER = Path(__file__).with_name("spawner.py")
+#: Seconds without a handover before the spares are topped up (while at
+#: least half are left). Longer than a first exchange here (about 0.5 ms),
+#: short enough that a pool drawn on every few ms still refills.
+REPLENISH_DELAY = 0.003
 load_prctl()  # here, once: a child forked after accept must start echoing as soon as it can
 
 
@@ -105,6 +115,7 @@ class ForkServer:
         self.spawner: SpawnerLink | None = None
         self.spawner_failed = False
         self.terminated = False
+        self.last_handover = 0.0
 
     def busy(self) -> int:
         return len(self.children) + len(self.spawned) - len(self.unused)
@@ -132,6 +143,7 @@ class ForkServer:
             finally:
                 spare.channel.close()
             self.unused.discard(spare.pid)
+            self.last_handover = time.monotonic()
             self.rt.stats.connection_opened()
             return True
         return False
@@ -228,9 +240,18 @@ class ForkServer:
             return
         while len(self.spares) > wanted:
             self.spares.pop().channel.close()  # EOF: it exits
+        if self.replenish_in(wanted) > 0:
+            return
         room = settings.max_children - len(self.children) - len(self.spawned) - self.spawner.asked
         for _ in range(min(wanted - len(self.spares) - self.spawner.asked, room)):
             self.spawner.ask()
+
+    def replenish_in(self, wanted: int) -> float:
+        """Seconds before missing spares may be asked for: 0 when due, or
+        when fewer than half of ``wanted`` are left."""
+        if len(self.spares) * 2 < wanted:
+            return 0.0
+        return max(0.0, self.last_handover + REPLENISH_DELAY - time.monotonic())
 
     # -- the parent's bookkeeping ---------------------------------------------
     def reap(self) -> None:
@@ -271,7 +292,10 @@ class ForkServer:
         while not (rt.stopping and not self.children and not self.spawned):
             self.keep_spares()
             self.acceptor.update(self.room())
-            for key, _ in self.selector.select(self.acceptor.timeout(rt.timeout())):
+            timeout = self.acceptor.timeout(rt.timeout())
+            if self.spawner is not None and len(self.spares) + self.spawner.asked < rt.settings.spare_children:
+                timeout = min(timeout, self.replenish_in(rt.settings.spare_children) or timeout)  # wake to ask
+            for key, _ in self.selector.select(timeout):
                 if key.data == LISTENER:
                     self.accept(key.fileobj)  # type: ignore[arg-type]
                 elif key.data == "signals":
