@@ -20,8 +20,9 @@ from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
 
 PROGRAMS = ("myecho-c", "epoll-echo", "myecho-load")
-#: Programs that need a library, found with pkg-config: program -> package.
-LIBRARY_PROGRAMS = {"zmq-echo": "libzmq"}
+#: Programs that need a library, found with pkg-config: program -> (its
+#: pkg-config name, the Debian package that provides it).
+LIBRARY_PROGRAMS = {"zmq-echo": ("libzmq", "libzmq3-dev")}
 HARDENING_CFLAGS = "-O2 -g -Wall -Wextra -fstack-protector-strong -fPIE -D_FORTIFY_SOURCE=2"
 HARDENING_LDFLAGS = "-pie -Wl,-z,relro,-z,now"
 
@@ -50,10 +51,10 @@ class BuildWithC(build_py):
         target_dir.mkdir(parents=True, exist_ok=True)
         compiler = shlex.split(os.environ.get("CC", "cc"))
         builds: list[tuple[str, list[str], list[str]]] = [(program, [], []) for program in PROGRAMS]
-        for program, package in LIBRARY_PROGRAMS.items():
+        for program, (package, debian) in LIBRARY_PROGRAMS.items():
             flags = _library_flags(package)
             if flags is None:
-                self.warn(f"{program} not built: pkg-config cannot find {package} (Debian: libzmq3-dev)")
+                self.warn(f"{program} not built: pkg-config cannot find {package} (Debian: {debian})")
             else:
                 builds.append((program, *flags))
         for program, cflags, libs in builds:

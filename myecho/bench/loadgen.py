@@ -34,10 +34,13 @@ class LoadError(RuntimeError):
 
 
 def command(protocol: str, mode: str, host: str, port: int, **options: object) -> list[str]:
-    """argv of the load generator for ``protocol`` ("tcp" or "zmq")."""
-    if protocol == "zmq" and ZMQ_CLIENT == "pyzmq":
+    """argv of the load generator for ``protocol``: "tcp", "zmq" (``ZMQ_CLIENT``'s),
+    or a zmq client by name, "zmtp" or "pyzmq"."""
+    if protocol == "zmq":
+        protocol = ZMQ_CLIENT
+    if protocol == "pyzmq":
         argv = [sys.executable, "-m", "myecho.bench.zmqload", mode]
-    elif protocol == "zmq":
+    elif protocol == "zmtp":
         argv = [str(program("myecho-load")), mode, "--protocol", "zmtp"]
     else:
         argv = [str(program("myecho-load")), mode]

@@ -60,25 +60,14 @@ def redis_benchmark(tool: str, port: int, clients: int, requests: int) -> tuple[
 Run = Callable[[int], tuple[float, float]]
 
 
-def myecho_load(protocol: str, server: Server, duration: float) -> Run:
+def closed_loop(protocol: str, server: Server, duration: float) -> Run:
+    """Runs of a load generator: myecho-load ("tcp", "zmtp") or pyzmq REQ sockets ("pyzmq")."""
+
     def run(clients: int) -> tuple[float, float]:
         out = loadgen.run(
             protocol, "rr", server.host, server.port, 60, conns=clients, duration=duration, warmup=0.3, size=64
         )
         return out["round_trips"] / (out["elapsed_ns"] / 1e9), out["cpu_s"] / max(1, out["round_trips"])
-
-    return run
-
-
-def pyzmq_req(server: Server, duration: float) -> Run:
-    """The same closed loop from libzmq's own REQ sockets (myecho.bench.zmqload)."""
-
-    def run(clients: int) -> tuple[float, float]:
-        chosen, loadgen.ZMQ_CLIENT = loadgen.ZMQ_CLIENT, "pyzmq"
-        try:
-            return myecho_load("zmq", server, duration)(clients)
-        finally:
-            loadgen.ZMQ_CLIENT = chosen
 
     return run
 
@@ -127,7 +116,7 @@ def check_loadgen(progress: Callable[[str], None], rounds: int = ROUNDS, duratio
     server = Server.start(BY_NAME["c"])
     print(f"against myecho-c, 64-byte messages, {rounds} alternating rounds of ~{duration:g} s per client count:")
     try:
-        ours = myecho_load("tcp", server, duration)
+        ours = closed_loop("tcp", server, duration)
         last_rate: dict[int, float] = {}
 
         def ours_noting_rate(clients: int) -> tuple[float, float]:
@@ -146,9 +135,8 @@ def check_loadgen(progress: Callable[[str], None], rounds: int = ROUNDS, duratio
     server = Server.start(zmq_model)
     print(f"against {zmq_model.label}, ZeroMQ REQ clients, 64-byte messages, the same rounds:")
     try:
-        status |= compare(
-            progress, rounds, myecho_load("zmq", server, duration), ("pyzmq REQ", pyzmq_req(server, duration))
-        )
+        theirs = closed_loop("pyzmq", server, duration)
+        status |= compare(progress, rounds, closed_loop("zmtp", server, duration), ("pyzmq REQ", theirs))
     finally:
         server.stop()
     return status
