@@ -20,6 +20,7 @@ MODEL_HELP = {
     "inetd": "one connection on stdin/stdout, then exit (xinetd, systemd Accept=yes, a pipe)",
     "fork": "a parent that accepts, one child process per connection",
     "select": "one process, one event loop (selectors: epoll), non-blocking sockets",
+    "asyncio": "asyncio protocols on an event library's loop (uvloop's libuv when installed)",
     "zmq": "ZeroMQ echo for REQ and DEALER clients (a ROUTER socket)",
     "broker": "load-balancing echo: REQ clients on the frontend, workers on the backend",
     "worker": "one echo worker for a broker, on any host",
@@ -87,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     tcp.add_argument("--port", type=int, help="TCP port (default: the model's port, see the README)")
     tcp.add_argument("--backlog", type=int, help="listen backlog (default: 4096; the kernel caps it at somaxconn)")
 
+    workers = Parser(add_help=False)
+    workers.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="N event-loop processes on the one listening socket, under a supervisor "
+        "(default: 1, a single loop; 0: one per core); --max-connections is per worker",
+    )
+
     models.add_parser("inetd", help=MODEL_HELP["inetd"], description=MODEL_HELP["inetd"] + ".")
     fork = models.add_parser(
         "fork",
@@ -105,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     select = models.add_parser(
         "select",
-        parents=[tcp, common],
+        parents=[tcp, workers, common],
         help=MODEL_HELP["select"],
         description=MODEL_HELP["select"] + f"; port {DEFAULT_PORTS['select']}.",
     )
@@ -120,6 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="BYTES",
         help="bytes held for a client that does not read before its reads pause (default: 65536)",
+    )
+    aio = models.add_parser(
+        "asyncio",
+        parents=[tcp, workers, common],
+        help=MODEL_HELP["asyncio"],
+        description=MODEL_HELP["asyncio"] + f"; port {DEFAULT_PORTS['asyncio']}.",
+    )
+    aio.add_argument(
+        "--loop",
+        choices=("auto", "asyncio", "uvloop"),
+        help="the event loop (default: auto, uvloop when installed, else asyncio's own)",
+    )
+    aio.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        help="stop accepting at N open connections (default: 19000, and the fd limit)",
+    )
+    aio.add_argument(
+        "--buffer-limit",
+        type=int,
+        metavar="BYTES",
+        help="bytes held for a client that does not read before its reads pause (default: 65536)",
+    )
+    aio.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="close a connection silent that long (default: 300; 0: never)",
     )
     zmq = models.add_parser(
         "zmq",

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from myecho import prefork
 from myecho.daemon import PidfileError, daemonize
-from myecho.models import MODELS
+from myecho.models import MODELS, WORKER_MODELS
 from myecho.patterns.endpoints import EndpointError
 from myecho.runtime import Runtime
 from myecho.settings import DEFAULT_PORTS, Settings, SettingsError
@@ -73,10 +74,17 @@ def run_service(options: dict[str, Any]) -> int:
     runtime.listener_roles = roles
     started = False
     try:
-        model.serve(runtime)
+        if settings.workers != 1 and settings.model in WORKER_MODELS:
+            prefork.serve(runtime, model.serve)
+        else:
+            model.serve(runtime)
         started = True
     except EndpointError as error:  # an endpoint it could not bind: nothing ran, one line says why
         runtime.signals.close()
+        return _fail(str(error), 1)
+    except prefork.WorkersFailed as error:  # the workers' own lines say why
+        started = True
+        runtime.log.error("%s", error)
         return _fail(str(error), 1)
     except KeyboardInterrupt:  # a second ^C while stopping: stop now
         started = True

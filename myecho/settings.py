@@ -7,6 +7,7 @@ tunables below change without a restart; the listening address does not
 """
 
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,11 @@ DEFAULT_PORTS = {
     "zmq": 11141,
     "c": 11142,
     "broker": 11144,
+    "asyncio": 11150,
 }
 BROKER_BACKEND_PORT = 11145
+#: The asyncio model's event loops; "auto" is uvloop when installed.
+LOOPS = ("auto", "asyncio", "uvloop")
 
 
 class SettingsError(ValueError):
@@ -40,6 +44,9 @@ class Settings:
     spare_children: int = 4
     max_connections: int = 19000
     buffer_limit: int = 65536
+    idle_timeout: float = 300.0
+    workers: int = 1
+    loop: str = "auto"
     log_level: str = "info"
     log_file: Path | None = None
     config: Path | None = None
@@ -77,6 +84,14 @@ class Settings:
             raise SettingsError("spare-children must not be negative")
         if self.graceful_timeout < 0:
             raise SettingsError("graceful-timeout must not be negative")
+        if self.idle_timeout < 0:
+            raise SettingsError("idle-timeout must not be negative (0: never)")
+        if self.workers < 0:
+            raise SettingsError("workers must not be negative (0: one per core)")
+        if self.loop not in LOOPS:
+            raise SettingsError(f"loop {self.loop!r} is not {', '.join(LOOPS[:-1])} or {LOOPS[-1]}")
+        if self.model == "asyncio" and self.loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+            raise SettingsError("loop uvloop is not installed (apt install python3-uvloop, or pip install uvloop)")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log level {self.log_level!r} is not debug, info, warning or error")
 

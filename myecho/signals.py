@@ -33,6 +33,11 @@ class SignalWatcher:
     def fileno(self) -> int:
         return self._reader.fileno()
 
+    def rearm(self) -> None:
+        """Take the wakeup fd back: uvloop points it at its own socket while
+        its loop runs, and our fd would then never hear of a signal."""
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+
     def drain(self) -> list[int]:
         """The signals noted so far, each once, in arrival order."""
         seen: list[int] = []

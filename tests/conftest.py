@@ -11,7 +11,9 @@ from support import Server, command, free_port
 #: The byte-stream models, and the C reference held to the same contract.
 #: "fork-classic" is the fork model as the talk wrote it: the parent forks
 #: after accept (--spare-children 0) instead of handing over to a spare.
-STREAM_MODELS = ("fork", "fork-classic", "select", "c")
+#: "asyncio" runs on uvloop (installed by the test extras), "asyncio-asyncio"
+#: on asyncio's own loop; "select-2-workers" is select with --workers 2.
+STREAM_MODELS = ("fork", "fork-classic", "select", "asyncio", "asyncio-asyncio", "select-2-workers", "c")
 
 ServeFactory = Callable[..., Server]
 
@@ -21,6 +23,10 @@ def server_argv(model: str, port: int, *extra: str) -> list[str]:
         return [command("myecho-c"), *extra, str(port)]
     if model == "fork-classic":
         return [command("myecho"), "serve", "fork", "--spare-children", "0", "--port", str(port), *extra]
+    if model == "asyncio-asyncio":
+        return [command("myecho"), "serve", "asyncio", "--loop", "asyncio", "--port", str(port), *extra]
+    if model == "select-2-workers":
+        return [command("myecho"), "serve", "select", "--workers", "2", "--port", str(port), *extra]
     return [command("myecho"), "serve", model, "--port", str(port), *extra]
 
 

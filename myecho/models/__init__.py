@@ -7,8 +7,11 @@ MODELS = {
     "inetd": "inetd",
     "fork": "fork",
     "select": "select",
+    "asyncio": "aio",  # not "asyncio": the module would shadow the standard library's
     "zmq": "zmq",
     "broker": "broker",
     "worker": "worker",
 }
-TCP_MODELS = ("fork", "select")
+TCP_MODELS = ("fork", "select", "asyncio")
+#: The models that can run as N worker processes on one listening socket (--workers).
+WORKER_MODELS = ("select", "asyncio")
