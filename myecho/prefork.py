@@ -159,7 +159,7 @@ class Supervisor:
             try:
                 data = worker.channel.recv(256)
             except BlockingIOError:
-                return
+                break
             except OSError:
                 data = b""
             if not data:  # it exited: SIGCHLD will tell
@@ -193,12 +193,12 @@ class Supervisor:
             worker.channel.close()
             self.gone = [g + f for g, f in zip(self.gone, worker.figures, strict=True)]
             self.gone[0] = 0
+            self.update_stats()
             if self.rt.stopping:
                 continue
             self.rt.log.warning("worker %d exited; starting another", pid)
             if not worker.ready:
                 self.failures += 1
-            self.update_stats()
 
     def check_silent(self) -> None:
         now = time.monotonic()

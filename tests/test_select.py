@@ -1,4 +1,5 @@
-"""The select model's cures for the talk's list of mono-process weaknesses."""
+"""The select model's cures for the talk's list of mono-process weaknesses,
+held by the asyncio model too (on uvloop, and on asyncio's own loop)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,21 @@ import socket
 import time
 
 import pytest
-from conftest import ServeFactory
-from support import Server, command, cpu_seconds, free_port, random_bytes, roundtrip, rss_kib
+from conftest import ServeFactory, server_argv
+from support import Server, cpu_seconds, free_port, random_bytes, roundtrip, rss_kib
 
 #: What a client that never reads may cost the server: the buffer limit
 #: (64 KiB) plus one read (64 KiB) plus allocator slack. The kernel's socket
 #: buffers are not the server's memory.
 NEVER_READING_BOUND_KIB = 4 * 1024
+#: The single-loop models that share these guarantees.
+LOOP_MODELS = ("select", "asyncio", "asyncio-asyncio")
+loop_models = pytest.mark.parametrize("model", LOOP_MODELS)
 
 
-def test_never_reading_client_gets_backpressure(serve: ServeFactory) -> None:
-    server = serve("select")
+@loop_models
+def test_never_reading_client_gets_backpressure(serve: ServeFactory, model: str) -> None:
+    server = serve(model)
     before = rss_kib(server.proc.pid)
     flooder = server.connect()
     flooder.setblocking(False)
@@ -48,10 +53,10 @@ def _limit_fds_to_64() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
 
-def test_running_out_of_fds_neither_crashes_nor_spins() -> None:
+@loop_models
+def test_running_out_of_fds_neither_crashes_nor_spins(model: str) -> None:
     port = free_port()
-    limited = Server([command("myecho"), "serve", "select", "--port", str(port), "--max-connections", "1000"],
-                     port, preexec_fn=_limit_fds_to_64)
+    limited = Server(server_argv(model, port, "--max-connections", "1000"), port, preexec_fn=_limit_fds_to_64)
     try:
         limited.wait_ready()
         clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(100)]
@@ -72,8 +77,9 @@ def test_running_out_of_fds_neither_crashes_nor_spins() -> None:
         limited.kill()
 
 
-def test_max_connections_queues_the_rest(serve: ServeFactory) -> None:
-    server = serve("select", "--max-connections", "2")
+@loop_models
+def test_max_connections_queues_the_rest(serve: ServeFactory, model: str) -> None:
+    server = serve(model, "--max-connections", "2")
     first, second = server.connect(), server.connect()
     assert roundtrip(first, b"1") == b"1" and roundtrip(second, b"2") == b"2"
     third = server.connect()  # the kernel's backlog holds it

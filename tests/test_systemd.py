@@ -28,7 +28,7 @@ def activate(argv: list[str], port: int, notify: NotifySocket | None = None) -> 
     return subprocess.Popen([tool, f"--listen=127.0.0.1:{port}", *setenv, *argv], stderr=subprocess.PIPE)
 
 
-@pytest.mark.parametrize("model", ["fork", "select", "zmq", "c"])
+@pytest.mark.parametrize("model", ["fork", "select", "asyncio", "zmq", "c"])
 def test_socket_activation_hands_over_the_listening_socket(model: str) -> None:
     port = free_port()
     # A port we do not listen on: the model must use systemd's socket, not bind.
@@ -61,12 +61,13 @@ def test_socket_activation_hands_over_the_listening_socket(model: str) -> None:
         notify.close()
 
 
-def test_notify_ready_status_stopping(serve: ServeFactory) -> None:
-    server = serve("select")
+@pytest.mark.parametrize("model", ["select", "asyncio"])
+def test_notify_ready_status_stopping(serve: ServeFactory, model: str) -> None:
+    server = serve(model)
     assert server.notify is not None
     ready = server.notify.wait_for("READY", "1")
     assert ready["MAINPID"] == str(server.proc.pid)
-    assert ready["STATUS"] == f"serving on 127.0.0.1:{server.port}"
+    assert ready["STATUS"] == f"serving on 127.0.0.1:{server.port}" + (" (uvloop)" if model == "asyncio" else "")
     with server.connect() as sock:
         assert roundtrip(sock, b"abc") == b"abc"
         deadline = time.monotonic() + 5
@@ -79,8 +80,9 @@ def test_notify_ready_status_stopping(serve: ServeFactory) -> None:
     assert stopping["STATUS"].startswith("stopping:")
 
 
-def test_watchdog_pings_at_half_the_interval(serve: ServeFactory) -> None:
-    server = serve("fork", env={"WATCHDOG_USEC": "400000"})
+@pytest.mark.parametrize("model", ["fork", "asyncio"])
+def test_watchdog_pings_at_half_the_interval(serve: ServeFactory, model: str) -> None:
+    server = serve(model, env={"WATCHDOG_USEC": "400000"})
     assert server.notify is not None
     times = []
     deadline = time.monotonic() + 3
@@ -128,10 +130,11 @@ def test_sighup_reloads_settings_without_dropping_connections(serve: ServeFactor
     assert server.stop() == 0
 
 
-def test_bad_config_on_reload_keeps_the_old_settings(serve: ServeFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", ["select", "asyncio"])
+def test_bad_config_on_reload_keeps_the_old_settings(serve: ServeFactory, tmp_path: Path, model: str) -> None:
     config = tmp_path / "myecho"
     config.write_text("MYECHO_BUFFER_LIMIT=4096\n")
-    server = serve("select", "--config", str(config))
+    server = serve(model, "--config", str(config))
     config.write_text("MYECHO_BUFFER_LIMIT=lots\n")
     server.signal(signal.SIGHUP)
     deadline = time.monotonic() + 5
@@ -167,8 +170,9 @@ def test_sdnotify_is_the_fallback_without_python_systemd(tmp_path: Path) -> None
     notify.close()
 
 
-def test_second_sigint_is_still_graceful(serve: ServeFactory) -> None:
-    server = serve("select", "--graceful-timeout", "30")
+@pytest.mark.parametrize("model", ["select", "asyncio"])
+def test_second_sigint_is_still_graceful(serve: ServeFactory, model: str) -> None:
+    server = serve(model, "--graceful-timeout", "30")
     sock = server.connect()
     server.signal(signal.SIGINT)
     assert server.notify is not None

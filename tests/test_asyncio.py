@@ -1,0 +1,53 @@
+"""The asyncio model's own settings: the loop it runs on and the idle timeout."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ServeFactory, server_argv
+from support import free_port, roundtrip
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_loop_is_the_one_asked_for(serve: ServeFactory, loop: str) -> None:
+    server = serve("asyncio", "--loop", loop)
+    assert server.notify is not None
+    assert server.notify.wait_for("READY", "1")["STATUS"].endswith(f"({loop})")
+    with server.connect() as sock:
+        assert roundtrip(sock, b"on " + loop.encode()) == b"on " + loop.encode()
+
+
+def test_unknown_loop_in_the_settings_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "myecho"
+    config.write_text("MYECHO_LOOP=libev\n")
+    result = subprocess.run(server_argv("asyncio", free_port(), "--config", str(config)), capture_output=True,
+                            text=True, timeout=10)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "loop 'libev' is not auto, asyncio or uvloop" in lines[0]
+
+
+@pytest.mark.parametrize("model", ["asyncio", "asyncio-asyncio"])
+def test_idle_connection_is_closed_and_a_talking_one_is_not(serve: ServeFactory, model: str) -> None:
+    server = serve(model, "--idle-timeout", "1")
+    silent, talking = server.connect(), server.connect()
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:
+        assert roundtrip(talking, b"still here") == b"still here"
+        time.sleep(0.2)
+    silent.settimeout(5)
+    assert silent.recv(10) == b""  # closed by the server
+    assert roundtrip(talking, b"still here") == b"still here"
+    silent.close()
+    talking.close()
+
+
+def test_idle_timeout_zero_never_closes(serve: ServeFactory) -> None:
+    server = serve("asyncio", "--idle-timeout", "0")
+    sock = server.connect()
+    time.sleep(1.5)
+    assert roundtrip(sock, b"after a silence") == b"after a silence"
+    sock.close()
