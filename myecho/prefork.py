@@ -49,7 +49,12 @@ class WorkersFailed(RuntimeError):
 
 def worker_count(wanted: int) -> int:
     """``--workers``: 0 means one per core this process may run on."""
-    return wanted if wanted > 0 else len(os.sched_getaffinity(0))
+    if wanted > 0:
+        return wanted
+    try:
+        return len(os.sched_getaffinity(0))
+    except OSError:  # a seccomp filter may refuse it
+        return os.cpu_count() or 1
 
 
 class WorkerNotifier(Notifier):

@@ -17,9 +17,10 @@ SYSTEMD_DIR = REPO / "systemd"
 BUILD_DEB = REPO / "tools" / "build-deb"
 
 #: The contract's ports (shared/DESIGN.md).
-PORTS = {"inetd-xinetd": 11138, "fork": 11139, "select": 11140, "zmq": 11141, "c": 11142, "inetd": 11143}
-MODELS = ("fork", "select", "zmq", "c")
-PYTHON_MODELS = ("fork", "select", "zmq")
+PORTS = {"inetd-xinetd": 11138, "fork": 11139, "select": 11140, "zmq": 11141, "c": 11142, "inetd": 11143,
+         "asyncio": 11150}
+MODELS = ("fork", "select", "asyncio", "zmq", "c")
+PYTHON_MODELS = ("fork", "select", "asyncio", "zmq")
 #: The broker (myecho@broker): clients, then workers, both in myecho@broker.socket.
 BROKER_PORTS = (11144, 11145)
 #: Every service unit the package runs that holds no network of its own, as

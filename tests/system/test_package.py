@@ -307,6 +307,40 @@ def test_status_figures_and_journal(clean: Container) -> None:
     assert "serving on" in by_field
 
 
+def test_asyncio_runs_on_uvloop_from_the_recommends(clean: Container) -> None:
+    """python3-uvloop comes with the package (Recommends), and --loop auto picks it."""
+    unit = "myecho@asyncio.service"
+    clean.systemctl("start", unit)
+    round_trip(clean, "asyncio")
+    assert "asyncio model serving on 127.0.0.1:11150 (uvloop)" in clean.journal(unit, "-o", "cat")
+
+
+def test_select_workers_under_systemd(clean: Container) -> None:
+    """MYECHO_WORKERS=2: a supervisor and two workers on systemd's socket, one
+    STATUS for all, reload and stop through the supervisor."""
+    unit = "myecho@select.service"
+    clean.run("cp /etc/default/myecho /root/default.saved && echo MYECHO_WORKERS=2 >> /etc/default/myecho")
+    try:
+        clean.systemctl("start", unit)
+        pid = main_pid(clean, unit)
+        workers = clean.run(["ps", "-o", "pid=", "--ppid", str(pid)]).stdout.split()
+        assert len(workers) == 2, workers
+        for _ in range(4):
+            round_trip(clean, "select")
+        wait_until("a summed STATUS", lambda: "4 served" in show(clean, unit, "StatusText"), timeout=5)
+        assert "2 workers (pid " in show(clean, unit, "StatusText")
+        before = clean.journal(unit, "-o", "cat").count("reloaded (")
+        clean.systemctl("reload", unit)
+        wait_until("the supervisor and both workers reloaded",
+                   lambda: clean.journal(unit, "-o", "cat").count("reloaded (") == before + 3)
+        round_trip(clean, "select")
+        clean.systemctl("stop", unit)
+        assert show(clean, unit, "Result") == "success"
+        assert show(clean, unit, "NRestarts") == "0"
+    finally:
+        clean.run("mv /root/default.saved /etc/default/myecho")
+
+
 def test_reload_rereads_the_config(clean: Container) -> None:
     unit = "myecho@fork.service"
     clean.systemctl("start", unit)
