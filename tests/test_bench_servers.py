@@ -16,7 +16,9 @@ from myecho.bench import procs
 from myecho.bench.servers import BY_NAME, Server, unavailable
 
 
-@pytest.mark.parametrize("name", ["asyncio", "uvloop", "c", "epoll", "inetd-systemd", "inetd-xinetd"])
+@pytest.mark.parametrize(
+    "name", ["asyncio", "uvloop", "aio", "select-2", "c", "epoll", "inetd-systemd", "inetd-xinetd"]
+)
 def test_reference_servers_echo_and_stop(name: str) -> None:
     if name == "uvloop" and importlib.util.find_spec("uvloop") is None:
         pytest.skip("uvloop is not installed")

@@ -35,6 +35,7 @@ INSTALLED_PORTS = {
     "inetd-systemd": 11143,
     "fork": DEFAULT_PORTS["fork"],
     "select": DEFAULT_PORTS["select"],
+    "aio": DEFAULT_PORTS["asyncio"],
     "zmq": DEFAULT_PORTS["zmq"],
     "broker": DEFAULT_PORTS["broker"],
 }
@@ -89,6 +90,18 @@ MODELS = (
         "myecho serve fork --spare-children 0: the talk's shape, a fork between accept and the first echo",
     ),
     Model("select", "select", "tcp", "myecho serve select: one process, one epoll loop"),
+    Model(
+        "select-2",
+        "select, 2 workers",
+        "tcp",
+        "myecho serve select --workers 2: two epoll loops, each a process, on one listening socket",
+    ),
+    Model(
+        "aio",
+        "asyncio model",
+        "tcp",
+        "myecho serve asyncio: asyncio.Protocol with myecho's shared layer, on uvloop when installed",
+    ),
     Model("zmq", "zmq", "zmq", "myecho serve zmq: ROUTER socket, measured with REQ clients"),
     Model("broker-1", "zmq broker, 1 worker", "zmq", "myecho serve broker with 1 myecho serve worker behind it"),
     Model(
@@ -245,6 +258,10 @@ def launch_command(model: Model, port: int, workdir: Path) -> Launch:
         return Launch([str(program(C_PROGRAMS[model.name])), "--host", "127.0.0.1", str(port)], False)
     if model.name in ("fork", "select", "zmq"):
         return Launch([myecho, "serve", model.name, *python_model], True)
+    if model.name == "select-2":
+        return Launch([myecho, "serve", "select", "--workers", "2", *python_model], True)
+    if model.name == "aio":
+        return Launch([myecho, "serve", "asyncio", *python_model], True)
     if model.name == "fork-classic":
         return Launch([myecho, "serve", "fork", "--spare-children", "0", *python_model], True)
     if model.name in ("asyncio", "uvloop"):
