@@ -125,3 +125,17 @@ def test_zero_workers_is_one_per_core(serve: ServeFactory, model: str) -> None:
     assert len(workers_of(server, cores)) == cores
     assert server.notify is not None
     assert server.notify.wait_for("READY", "1")["STATUS"].endswith(f", {cores} workers")
+
+
+def test_only_the_supervisor_talks_to_systemd(serve: ServeFactory, model: str) -> None:
+    server = serve(model, "--workers", "2", env={"WATCHDOG_USEC": "400000"})
+    assert server.notify is not None
+    ready = server.notify.wait_for("READY", "1")
+    assert ready["MAINPID"] == str(server.proc.pid)
+    pings = 0
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        message = server.notify.receive(0.5)
+        pings += bool(message and message.get("WATCHDOG") == "1")
+    assert pings >= 3
+    assert sum(1 for message in server.notify.messages if "READY" in message) == 1, server.notify.messages
