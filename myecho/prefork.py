@@ -107,7 +107,8 @@ class Supervisor:
         self.gone = [0, 0, 0, 0, 0]  # figures of the workers that have exited (open stays 0)
 
     # -- workers -------------------------------------------------------------------
-    def spawn(self) -> None:
+    def spawn(self) -> bool:
+        """Fork one more worker; False if the system would not (tried again soon)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         parent = os.getpid()
         # Signals wait until the child has its own watcher (the parent's wakeup
@@ -120,7 +121,7 @@ class Supervisor:
             ours.close()
             theirs.close()
             self.rt.log.error("cannot fork a worker: %s", error.strerror)
-            return
+            return False
         if pid == 0:
             code = 1
             try:
@@ -134,6 +135,7 @@ class Supervisor:
         now = time.monotonic()
         self.workers[pid] = Worker(pid, ours, now, now)
         self.selector.register(ours, selectors.EVENT_READ, pid)
+        return True
 
     def worker(self, channel: socket.socket, parent: int, blocked: set[int | signal.Signals]) -> int:
         """In the child: the model, served as if alone, but reporting here."""
@@ -240,8 +242,8 @@ class Supervisor:
             if not rt.stopping:
                 if self.failures >= BOOT_FAILURES:
                     raise WorkersFailed(f"{self.failures} workers in a row died before they were ready")
-                while len(self.workers) < self.count:
-                    self.spawn()
+                while len(self.workers) < self.count and self.spawn():
+                    pass
             ticking = self.announced and not rt.stopping
             for key, _ in self.selector.select(rt.timeout() if ticking else 0.1):
                 if key.data is None:
