@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,3 +52,18 @@ def test_idle_timeout_zero_never_closes(serve: ServeFactory) -> None:
     time.sleep(1.5)
     assert roundtrip(sock, b"after a silence") == b"after a silence"
     sock.close()
+
+
+def test_uvloop_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto falls back to asyncio's loop; asking for uvloop is a settings error,
+    for the asyncio model only (the file is shared by every model)."""
+    from myecho.models.aio import new_loop
+    from myecho.settings import Settings, SettingsError
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what an import finds when it is not installed
+    with pytest.raises(SettingsError, match="uvloop is not installed"):
+        Settings(model="asyncio", loop="uvloop").check()
+    Settings(model="select", loop="uvloop").check()
+    loop, name = new_loop("auto")
+    loop.close()
+    assert name == "asyncio"

@@ -13,7 +13,8 @@ from myecho.settings import Settings, SettingsError
 
 COMMANDS = [
     ["myecho"], ["myecho", "serve"], ["myecho", "serve", "inetd"], ["myecho", "serve", "fork"],
-    ["myecho", "serve", "select"], ["myecho", "serve", "zmq"], ["myecho", "client"], ["myecho-c"],
+    ["myecho", "serve", "select"], ["myecho", "serve", "asyncio"], ["myecho", "serve", "zmq"], ["myecho", "client"],
+    ["myecho-c"],
     ["myecho", "serve", "broker"], ["myecho", "serve", "worker"],
     ["myecho", "pipeline"], ["myecho", "pipeline", "ventilator"], ["myecho", "pipeline", "worker"],
     ["myecho", "pipeline", "sink"], ["myecho", "pipeline", "run"],
@@ -33,6 +34,10 @@ def test_every_command_has_help(argv: list[str]) -> None:
     ["serve", "fork", "--port", "notanumber"],
     ["serve", "fork", "--port", "70000"],
     ["serve", "select", "--max-connections", "0"],
+    ["serve", "select", "--workers", "-1"],
+    ["serve", "asyncio", "--loop", "libev"],
+    ["serve", "asyncio", "--idle-timeout", "-1"],
+    ["serve", "asyncio", "--buffer-limit", "0"],
     ["serve", "fork", "--spare-children", "-1"],
     ["serve", "fork", "--config", "/nonexistent/myecho"],
     ["serve", "select", "--host", "no.such.host.invalid"],
