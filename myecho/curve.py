@@ -11,14 +11,19 @@ before ZAP is even asked, an unknown key is denied by ZAP; neither ever
 appears on the ROUTER socket, so the broker sends it nothing, not even a
 heartbeat.
 
-The ZAP handler is pyzmq's ``ThreadAuthenticator``: a thread of its own
-with its own ZAP socket on the broker's context. The broker's loop never
-waits for it (libzmq's I/O thread does), and a broker busy with a burst of
-requests does not starve it, because libzmq delivers ZAP requests to that
-thread's socket, not to the broker's poll set. Polling the ZAP socket in
-the broker's loop would put every handshake behind a batch of requests,
-and the loop belongs to the broker's protocol, which must not know about
-security.
+The ZAP handler is a thread of its own with its own ZAP socket on the
+broker's context, as pyzmq's ``zmq.auth.ThreadAuthenticator``: the broker's
+loop never waits for it (libzmq's I/O thread does), and a broker busy with
+a burst of requests does not starve it, because libzmq delivers ZAP
+requests to that thread's socket, not to the broker's poll set. Polling the
+ZAP socket in the broker's loop would put every handshake behind a batch
+of requests, and the loop belongs to the broker's protocol, which must not
+know about security. It is not pyzmq's class itself: in the pyzmq of
+Debian 12 (24.0) that thread is not a daemon, so the broker's process would
+wait for it for ever after its last line, until systemd's SIGKILL; and the
+class's API differs between pyzmq releases. A ZAP reply is six frames (RFC
+27): a small loop does it. The backend also sets ZAP_ENFORCE_DOMAIN, so a
+missing handler fails closed (libzmq would otherwise admit every key).
 
 Certificates are in pyzmq's ``zmq.auth`` format (ZPL, as CZMQ's zcert):
 ``NAME.key`` holds the public key, ``NAME.key_secret`` both keys.
@@ -36,7 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from myecho.patterns.endpoints import BIND, EndpointError, split
 from myecho.settings import BROKER_BACKEND_PORT, Settings
@@ -187,8 +192,8 @@ def load_allowed(directory: Path) -> dict[bytes, str]:
 class Allowed:
     """The ZAP decision: is this client key in the allow folder?
 
-    Called in the authenticator's thread for every CURVE handshake; the
-    key set is replaced whole by ``reload``, never changed in place."""
+    Called in the ZAP thread for every CURVE handshake; the key set is
+    replaced whole by ``reload``, never changed in place."""
 
     def __init__(self, directory: Path, log: logging.Logger) -> None:
         self.directory = directory
@@ -197,10 +202,11 @@ class Allowed:
         self.denied_at: dict[bytes, float] = {}
         self.denied = 0
 
-    def callback(self, domain: str, key: bytes) -> bool:
+    def admits(self, key: bytes, address: str) -> bool:
+        """``key`` in Z85, as the certificates hold it."""
         name = self.keys.get(key)
         if name is not None:
-            self.log.debug("CURVE key %s (%s) admitted", key.decode(), name)
+            self.log.debug("CURVE key %s (%s) from %s admitted", key.decode(), name, address)
             return True
         self.denied += 1
         now = time.monotonic()
@@ -209,7 +215,10 @@ class Allowed:
                 self.denied_at.clear()
             self.denied_at[key] = now
             self.log.warning(
-                "a worker with an unknown CURVE key %s was refused (%d refusals so far)", key.decode(), self.denied
+                "a worker with an unknown CURVE key %s was refused, from %s (%d refusals so far)",
+                key.decode(),
+                address,
+                self.denied,
             )
         return False
 
@@ -230,8 +239,63 @@ def _names(keys: dict[bytes, str]) -> str:
     return f"{len(keys)} worker key{'' if len(keys) == 1 else 's'} ({', '.join(sorted(keys.values()))})"
 
 
-#: Authenticators started, one per context, kept alive for the process.
-_authenticators: dict[int, Any] = {}
+class ZapHandler(threading.Thread):
+    """Answers libzmq's ZAP requests for one context, in a daemon thread.
+
+    ZAP (RFC 27): libzmq sends [version, request id, domain, address,
+    routing id, mechanism, credentials...] to ``inproc://zeromq.zap.01``
+    and waits for [version, request id, status, text, user id, metadata]."""
+
+    ENDPOINT = "inproc://zeromq.zap.01"
+
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], allowed: Allowed) -> None:
+        import zmq
+
+        super().__init__(name="myecho-zap", daemon=True)
+        self.allowed = allowed
+        self.sock = context.socket(zmq.REP)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.sock.bind(self.ENDPOINT)
+        except zmq.ZMQError as error:
+            self.sock.close()
+            raise CurveError(f"cannot start the ZAP handler: {error.strerror}") from None
+
+    def run(self) -> None:
+        import zmq
+
+        while True:
+            try:
+                request = self.sock.recv_multipart()
+            except zmq.ContextTerminated:
+                self.sock.close()
+                return
+            try:
+                reply = self.answer(request)
+            except Exception:  # a handler that dies would leave every handshake waiting
+                self.allowed.log.exception("ZAP request not understood: refused")
+                reply = [b"1.0", request[1] if len(request) > 1 else b"", b"500", b"Internal error", b"", b""]
+            self.sock.send_multipart(reply)
+
+    def answer(self, request: list[bytes]) -> list[bytes]:
+        from zmq.utils import z85
+
+        version, request_id, domain, address, _routing_id, mechanism, *credentials = request
+        ok = (
+            version == b"1.0"
+            and domain == ZAP_DOMAIN.encode()
+            and mechanism == b"CURVE"
+            and len(credentials) == 1
+            and len(credentials[0]) == 32
+            and self.allowed.admits(z85.encode(credentials[0]), address.decode(errors="replace"))
+        )
+        if ok:
+            return [b"1.0", request_id, b"200", b"OK", z85.encode(credentials[0]), b""]
+        return [b"1.0", request_id, b"400", b"Not allowed", b"", b""]
+
+
+#: ZAP handlers started, one per context, for the life of the process.
+_zap_handlers: dict[int, ZapHandler] = {}
 
 
 def secure_backend(sock: zmq.Socket[bytes], runtime: Runtime) -> None:
@@ -266,17 +330,16 @@ def _secure_backend(sock: zmq.Socket[bytes], runtime: Runtime) -> None:
         raise CurveError(f"{given} without {missing}: the broker needs both for CURVE")
     _need_curve()
     import zmq
-    from zmq.auth.thread import ThreadAuthenticator
 
     certificate = load(secret_path, secret=True)
     allowed = Allowed(allow, runtime.log)
-    context = sock.context
-    if id(context) not in _authenticators:
-        authenticator = ThreadAuthenticator(context, log=logging.getLogger("myecho.zap"))
-        authenticator.start()
-        _authenticators[id(context)] = authenticator
-    _authenticators[id(context)].configure_curve_callback(ZAP_DOMAIN, credentials_provider=allowed)
+    handler = _zap_handlers.get(id(sock.context))
+    if handler is None:
+        handler = _zap_handlers[id(sock.context)] = ZapHandler(sock.context, allowed)
+        handler.start()
+    handler.allowed = allowed
     sock.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     sock.setsockopt(zmq.CURVE_SERVER, 1)
     assert certificate.secret is not None
     sock.setsockopt(zmq.CURVE_SECRETKEY, certificate.secret)

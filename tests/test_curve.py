@@ -11,6 +11,7 @@ import contextlib
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,3 +326,17 @@ def test_the_worker_refuses_with_one_line(keys: Keys, broken: Path, args: list[s
     argv = [arg.format(keys=keys.dir, tmp=broken) for arg in args]
     connect = f"tcp://127.0.0.1:{free_port()}"
     assert said in one_line_error(serve("worker", "--connect", connect, *argv))
+
+
+def test_a_curve_broker_stops_at_once(keys: Keys) -> None:
+    """The ZAP thread must not keep the process alive after the broker's last line."""
+    front = free_port()
+    argv = [command("myecho"), "serve", "broker", "--port", str(front), "--backend", f"tcp://127.0.0.1:{free_port()}"]
+    curve = ["--curve-secret", str(keys.secret("broker")), "--curve-allow", str(keys.allow)]
+    broker = Server([*argv, *curve, "--graceful-timeout", "0.5"], front).wait_ready()
+    try:
+        started = time.monotonic()
+        assert broker.stop(timeout=5) == 0
+        assert time.monotonic() - started < 3
+    finally:
+        broker.kill()
