@@ -188,22 +188,42 @@ def load_allowed(directory: Path) -> dict[bytes, str]:
     return allowed
 
 
+def folder_state(directory: Path) -> tuple[tuple[str, int, int, int], ...] | None:
+    """What changes when a key file is added, removed or rewritten (None: unreadable)."""
+    try:
+        found = [(path.name, path.stat()) for path in directory.glob("*" + PUBLIC_SUFFIX)]
+    except OSError:
+        return None
+    return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in found))
+
+
 # -- the broker: a CURVE server and its ZAP handler ----------------------------
 class Allowed:
     """The ZAP decision: is this client key in the allow folder?
 
-    Called in the ZAP thread for every CURVE handshake; the key set is
-    replaced whole by ``reload``, never changed in place."""
+    Called in the ZAP thread for every CURVE handshake. The folder is
+    looked at (a few stat calls) before each decision and read again when
+    a key file was added, removed or rewritten, so an admin's change counts
+    from the next handshake, without a signal; a folder that no longer
+    loads keeps the keys it had, and says so once."""
 
     def __init__(self, directory: Path, log: logging.Logger) -> None:
         self.directory = directory
         self.log = log
+        self.state = folder_state(directory)
         self.keys = load_allowed(directory)
         self.denied_at: dict[bytes, float] = {}
         self.denied = 0
 
+    def refresh(self) -> None:
+        state = folder_state(self.directory)
+        if state != self.state:
+            self.state = state
+            self.reload()
+
     def admits(self, key: bytes, address: str) -> bool:
         """``key`` in Z85, as the certificates hold it."""
+        self.refresh()
         name = self.keys.get(key)
         if name is not None:
             self.log.debug("CURVE key %s (%s) from %s admitted", key.decode(), name, address)
@@ -227,10 +247,10 @@ class Allowed:
         try:
             keys = load_allowed(self.directory)
         except CurveError as error:
-            self.log.error("CURVE allow folder not reloaded: %s; keeping %d keys", error, len(self.keys))
+            self.log.error("CURVE allow folder changed but not reloaded: %s; keeping %s", error, _names(self.keys))
             return
         self.keys = keys
-        self.log.info("CURVE allow folder reloaded: %s", _names(keys))
+        self.log.info("CURVE allow folder changed: now %s", _names(keys))
 
 
 def _names(keys: dict[bytes, str]) -> str:
@@ -326,8 +346,8 @@ def _secure_backend(sock: zmq.Socket[bytes], runtime: Runtime) -> None:
             runtime.log.warning("backend %s without CURVE (--insecure): anyone who reaches it is a worker", exposed[0])
         return
     if secret_path is None or allow is None:
-        given, missing = ("--curve-secret", "--curve-allow") if allow is None else ("--curve-allow", "--curve-secret")
-        raise CurveError(f"{given} without {missing}: the broker needs both for CURVE")
+        given, missing = ("curve-secret", "curve-allow") if allow is None else ("curve-allow", "curve-secret")
+        raise CurveError(f"{_option(given)} without {_option(missing)}: the broker needs both for CURVE")
     _need_curve()
     import zmq
 
@@ -394,6 +414,11 @@ def _local(spec: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
+def _option(name: str) -> str:
+    """An option as the command line and the settings file spell it."""
+    return f"--{name} ({'MYECHO_' + name.replace('-', '_').upper()})"
+
+
 def _need_curve() -> None:
     import zmq
 
@@ -427,10 +452,8 @@ def _secure_worker(sock: zmq.Socket[bytes], runtime: Runtime) -> None:
     if secret_path is None and server_path is None:
         return
     if secret_path is None or server_path is None:
-        given, missing = (
-            ("--curve-secret", "--curve-server") if server_path is None else ("--curve-server", "--curve-secret")
-        )
-        raise CurveError(f"{given} without {missing}: the worker needs both for CURVE")
+        given, missing = ("curve-secret", "curve-server") if server_path is None else ("curve-server", "curve-secret")
+        raise CurveError(f"{_option(given)} without {_option(missing)}: the worker needs both for CURVE")
     import zmq
 
     with _client_lock:

@@ -278,8 +278,8 @@ def broken(keys: Keys, tmp_path: Path) -> Path:
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["--curve-secret", "{keys}/broker.key_secret"], "--curve-secret without --curve-allow"),
-        (["--curve-allow", "{allow}"], "--curve-allow without --curve-secret"),
+        (["--curve-secret", "{keys}/broker.key_secret"], "--curve-secret (MYECHO_CURVE_SECRET) without --curve-allow"),
+        (["--curve-allow", "{allow}"], "--curve-allow (MYECHO_CURVE_ALLOW) without --curve-secret"),
         (["--curve-secret", "{keys}/broker.key_secret", "--curve-allow", "{tmp}/nowhere"], "does not exist"),
         (["--curve-secret", "{keys}/broker.key", "--curve-allow", "{allow}"], "is a public certificate"),
         (["--curve-secret", "{tmp}/garbage", "--curve-allow", "{allow}"], "is not a CURVE certificate"),
@@ -310,8 +310,8 @@ def test_insecure_lets_a_plain_backend_beyond_loopback_with_a_warning() -> None:
 @pytest.mark.parametrize(
     ("args", "said"),
     [
-        (["--curve-secret", "{keys}/w1.key_secret"], "--curve-secret without --curve-server"),
-        (["--curve-server", "{keys}/broker.key"], "--curve-server without --curve-secret"),
+        (["--curve-secret", "{keys}/w1.key_secret"], "--curve-secret (MYECHO_CURVE_SECRET) without --curve-server"),
+        (["--curve-server", "{keys}/broker.key"], "--curve-server (MYECHO_CURVE_SERVER) without --curve-secret"),
         (
             ["--curve-secret", "{keys}/w1.key_secret", "--curve-server", "{keys}/broker.key_secret"],
             "holds a secret key",
@@ -339,4 +339,59 @@ def test_a_curve_broker_stops_at_once(keys: Keys) -> None:
         assert broker.stop(timeout=5) == 0
         assert time.monotonic() - started < 3
     finally:
+        broker.kill()
+
+
+def test_settings_come_from_the_config_file_too(keys: Keys, tmp_path: Path) -> None:
+    config = tmp_path / "default"
+    config.write_text(f"MYECHO_CURVE_SECRET={keys.secret('broker')}\n")
+    said = one_line_error(serve("broker", "--port", str(free_port()), "--config", str(config)))
+    assert "without --curve-allow (MYECHO_CURVE_ALLOW)" in said
+    config.write_text(f"MYECHO_INSECURE=1\nMYECHO_BROKER_BACKEND=tcp://192.0.2.1:{free_port()}\n")
+    result = serve("broker", "--port", str(free_port()), "--config", str(config))
+    assert "without CURVE (--insecure)" in result.stderr and "cannot bind tcp://192.0.2.1" in result.stderr
+
+
+def wait_event(monitor: zmq.Socket[bytes], wanted: set[int], timeout: float = 5.0) -> int:
+    """The first of ``wanted`` among the monitor's events."""
+    deadline = time.monotonic() + timeout
+    while monitor.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+        event = int(recv_monitor_message(monitor)["event"])
+        if event in wanted:
+            return event
+    raise AssertionError(f"none of {wanted} within {timeout} s")
+
+
+def test_the_allow_folder_counts_from_the_next_handshake(keys: Keys, tmp_path: Path, context: Context) -> None:
+    """A key copied in admits its worker at once, a key removed refuses it: no restart, no signal."""
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    front, backend = free_port(), f"tcp://127.0.0.1:{free_port()}"
+    argv = [command("myecho"), "serve", "broker", "--port", str(front), "--backend", backend, *BEATS]
+    curve = ["--curve-secret", str(keys.secret("broker")), "--curve-allow", str(allow)]
+    broker = Server([*argv, *curve], front).wait_ready()
+    public, secret = keys.pair("w1")
+    broker_public, _ = zmq.auth.load_certificate(keys.public("broker"))
+    settled = {zmq.EVENT_HANDSHAKE_SUCCEEDED, *HANDSHAKE_FAILED}
+    kept = []  # every socket alive to the end: a monitor's inproc name comes from its socket's id()
+    try:
+        assert "no worker key: no worker can join" in wait_until(lambda: broker.stderr, what="the start line")
+        sock, monitor = rogue(context, backend, curve=(public, secret, broker_public))
+        kept.append(sock)
+        assert wait_event(monitor, settled) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+
+        (allow / "w1.key").write_bytes(keys.public("w1").read_bytes())
+        sock, monitor = rogue(context, backend, curve=(public, secret, broker_public))
+        kept.append(sock)
+        assert wait_event(monitor, settled) == zmq.EVENT_HANDSHAKE_SUCCEEDED
+        assert sock.poll(2000)  # a heartbeat: it is a worker now
+
+        (allow / "w1.key").unlink()
+        sock, monitor = rogue(context, backend, curve=(public, secret, broker_public))
+        kept.append(sock)
+        assert wait_event(monitor, settled) == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        assert not sock.poll(int(FEW_HEARTBEATS * 1000))
+        assert "CURVE allow folder changed: now 1 worker key (w1.key)" in broker.stderr
+    finally:
+        broker.stop()
         broker.kill()
