@@ -85,6 +85,11 @@ def test_keygen_never_overwrites_nor_follows_a_symlink(tmp_path: Path) -> None:
     assert not target.exists() and not (tmp_path / "trap.key").exists()
 
 
+def test_keygen_has_help() -> None:
+    result = subprocess.run([command("myecho"), "keygen", "--help"], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0 and "NAME.key_secret" in result.stdout
+
+
 def test_keygen_needs_an_existing_folder(tmp_path: Path) -> None:
     assert "does not exist" in one_line_error(keygen(tmp_path / "missing", "w1"))
     assert not (tmp_path / "missing").exists()
