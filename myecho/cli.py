@@ -202,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"where workers come (default: tcp://HOST:{BROKER_BACKEND_PORT}); {ENDPOINT_RULE}",
     )
+    broker.add_argument(
+        "--curve-secret",
+        type=_path,
+        metavar="FILE",
+        help="the broker's secret certificate (NAME.key_secret, see keygen): the backend becomes a CURVE server; "
+        "needs --curve-allow",
+    )
+    broker.add_argument(
+        "--curve-allow",
+        type=_path,
+        metavar="DIR",
+        help="folder of the public certificates (*.key) of the workers allowed to join; any other peer gets nothing",
+    )
+    broker.add_argument(
+        "--insecure",
+        action="store_const",
+        const=1,
+        help="allow a backend reachable from other hosts without CURVE (MYECHO_INSECURE=1): any peer is a worker",
+    )
     worker = models.add_parser(
         "worker",
         parents=[beats, common],
@@ -215,10 +234,32 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the broker's backend (default: MYECHO_WORKER_CONNECT, else tcp://127.0.0.1:{BROKER_BACKEND_PORT}); "
         "@URL binds instead and lets the broker connect",
     )
+    worker.add_argument(
+        "--curve-secret",
+        type=_path,
+        metavar="FILE",
+        help="the worker's secret certificate (NAME.key_secret, see keygen); needs --curve-server",
+    )
+    worker.add_argument(
+        "--curve-server",
+        type=_path,
+        metavar="FILE",
+        help="the broker's public certificate (NAME.key): talk CURVE to a broker with that key only",
+    )
 
     from myecho.patterns.cli import add_pattern_commands
 
     add_pattern_commands(commands, Parser, ENDPOINT_RULE)
+
+    keygen = commands.add_parser(
+        "keygen",
+        help="write a CURVE key pair for a broker or a worker",
+        description="Write DIR/NAME.key (the public certificate, to copy to the other side) and "
+        "DIR/NAME.key_secret (mode 0600, stays here), in pyzmq's zmq.auth format. "
+        "Never overwrites a file, never writes through a symlink.",
+    )
+    keygen.add_argument("directory", type=_path, metavar="DIR", help="an existing folder, e.g. /etc/myecho/curve")
+    keygen.add_argument("name", metavar="NAME", help="the files' name, e.g. broker or the host's name")
 
     client = commands.add_parser(
         "client",
@@ -256,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from myecho.client import run_client
 
         return run_client(options.address, zmq=options.zmq, timeout=options.timeout)
+    if options.command == "keygen":
+        from myecho.curve import keygen_main
+
+        return keygen_main(options.directory, options.name)
     if options.command != "serve":
         from myecho.patterns.cli import run_pattern
 

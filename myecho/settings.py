@@ -58,6 +58,14 @@ class Settings:
     worker_connect: str = ""
     heartbeat: float = 1.0
     liveness: int = 3
+    # CURVE on the broker's backend (myecho.curve): this side's secret
+    # certificate, the folder of the workers' public ones (broker), the
+    # broker's public one (worker); insecure=1 lets a broker bind its backend
+    # beyond loopback without CURVE.
+    curve_secret: Path | None = None
+    curve_allow: Path | None = None
+    curve_server: Path | None = None
+    insecure: int = 0
     # Names given on the command line: a reload from the file must not undo them.
     explicit: frozenset[str] = frozenset()
 
@@ -73,6 +81,8 @@ class Settings:
             raise SettingsError("heartbeat must be between 0.01 and 3600 seconds")
         if self.liveness < 1:
             raise SettingsError("liveness must be at least 1")
+        if self.insecure not in (0, 1):
+            raise SettingsError("insecure must be 0 or 1")
         from myecho.patterns.endpoints import EndpointError, split
 
         for spec in [*self.broker_frontend, *self.broker_backend, *filter(None, [self.worker_connect])]:

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -74,12 +75,13 @@ class Hosts:
         self.servers.append(server)
         return server.wait_ready()
 
-    def broker(self) -> Server:
+    def broker(self, *security: str) -> Server:
+        """The broker; plain unless given CURVE options (a plain backend off loopback needs --insecure)."""
         return self.serve("broker", "broker", "--frontend", f"tcp://{BROKER}:11144", "--backend",
-                          f"tcp://{BROKER}:11145")
+                          f"tcp://{BROKER}:11145", *(security or ["--insecure"]))
 
-    def worker(self, host: str) -> Server:
-        return self.serve(host, "worker", "--connect", f"tcp://{BROKER}:11145")
+    def worker(self, host: str, *security: str) -> Server:
+        return self.serve(host, "worker", "--connect", f"tcp://{BROKER}:11145", *security)
 
     def clients(self, count: int, seconds: float) -> tuple[list[subprocess.Popen[bytes]], float]:
         start_at = time.time() + 1.5
@@ -157,3 +159,34 @@ def test_broker_workers_and_clients_on_four_hosts(hosts: Hosts) -> None:
     assert [(r["lost"], r["duplicates"], r["strays"]) for r in reports] == [(0, 0, 0)] * 2
     for worker in (w2, w3):
         assert worker.stop() == 0
+
+
+def test_curve_across_hosts(hosts: Hosts, tmp_path: Path) -> None:
+    """Workers on two hosts with their own keys; only the allowed one gets any work."""
+    for name in ("broker", "w1", "w2"):
+        made = subprocess.run([command("myecho"), "keygen", str(tmp_path), name], capture_output=True, timeout=20)
+        assert made.returncode == 0, made.stderr
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    shutil.copy(tmp_path / "w1.key", allow)  # w2's key is not copied: it is not allowed in
+
+    def curve(name: str) -> list[str]:
+        return ["--curve-secret", str(tmp_path / f"{name}.key_secret"), "--curve-server", str(tmp_path / "broker.key")]
+
+    plain = subprocess.run(hosts.argv("broker", command("myecho"), "serve", "broker", "--backend",
+                                      f"tcp://{BROKER}:11145"), capture_output=True, text=True, timeout=20)
+    assert plain.returncode == 1 and "reachable from other hosts and has no CURVE" in plain.stderr
+    broker = hosts.broker("--curve-secret", str(tmp_path / "broker.key_secret"), "--curve-allow", str(allow))
+    w1 = hosts.worker("w1", *curve("w1"))
+    w2 = hosts.worker("w2", *curve("w2"))
+    wait_status(broker, "; 1 worker (")
+    procs, _ = hosts.clients(2, seconds=1.5)
+    reports = results(procs, timeout=60)
+    sent = sum(r["sent"] for r in reports)
+    assert sum(r["answered"] for r in reports) == sent > 20
+    assert [(r["lost"], r["duplicates"], r["strays"]) for r in reports] == [(0, 0, 0)] * 2
+    assert answered_by(w2) == 0
+    assert answered_by(w1) == sent
+    assert "unknown CURVE key" in broker.stderr
+    for server in (w1, w2, broker):
+        assert server.stop() == 0

@@ -39,6 +39,7 @@ from collections import OrderedDict, deque
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from myecho import curve
 from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, MAX_MESSAGE
 from myecho.models.zmq import bind as bind_listeners
 from myecho.patterns import heartbeat as mew
@@ -106,6 +107,7 @@ class Broker:
         self.frontend.setsockopt(zmq.RCVHWM, HIGH_WATER)
         self.frontend.setsockopt(zmq.BACKLOG, settings.backlog)
         self.backend = self.context.socket(zmq.ROUTER)
+        curve.secure_backend(self.backend, runtime)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.backend.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + mew.ENVELOPE)

@@ -25,6 +25,7 @@ import time
 
 import zmq
 
+from myecho import curve
 from myecho.models.zmq import BATCH, DRAIN_IDLE, MAX_MESSAGE
 from myecho.patterns import heartbeat as mew
 from myecho.patterns.endpoints import BIND, CONNECT, attach, split
@@ -72,6 +73,7 @@ class EchoWorker:
         """A fresh DEALER, attached, having said READY."""
         self.identity = f"{socket.gethostname()}/{os.getpid()}/{next(_sockets)}"
         sock = self.context.socket(zmq.DEALER)
+        curve.secure_worker(sock, self.rt)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + mew.ENVELOPE)
         sock.setsockopt(zmq.LINGER, 0)
