@@ -22,7 +22,9 @@ from myecho.settings import EXIT_BAD_CONFIG, check_file
 def save_copy(source: Path, copy: Path) -> None:
     """Replace ``copy`` by the bytes of ``source`` in one rename (readers never see half a file)."""
     data = source.read_bytes()
-    copy.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if not copy.parent.is_dir():
+        copy.parent.mkdir(parents=True)
+        os.chmod(copy.parent, 0o755)  # whatever the umask (the units' is 0077): the models read it
     fd, temporary = tempfile.mkstemp(dir=copy.parent, prefix=f".{copy.name}.")
     try:
         with os.fdopen(fd, "wb") as out:

@@ -157,8 +157,10 @@ def test_check_config_save_and_or_last(tmp_path: Path) -> None:
     with --or-last the last clean copy stays and the start goes on."""
     config, copy = write(tmp_path, "MYECHO_MAX_CHILDREN=7\n"), tmp_path / "run" / "fork.conf"
     argv = [command("myecho"), "check-config", "--save", str(copy)]
-    assert subprocess.run([*argv, str(config)], timeout=20).returncode == 0
+    assert subprocess.run([*argv, str(config)], timeout=20, umask=0o077).returncode == 0  # the units' UMask=
     assert copy.read_text() == "MYECHO_MAX_CHILDREN=7\n"
+    # Written as root, read by the model's dynamic user: readable whatever the umask.
+    assert (copy.parent.stat().st_mode & 0o777, copy.stat().st_mode & 0o777) == (0o755, 0o644)
     write(tmp_path, "MYECHO_MAX_CHILDREN=seven\n")
     assert subprocess.run([*argv, str(config)], capture_output=True, timeout=20).returncode == EXIT_BAD_CONFIG
     kept = subprocess.run([*argv, "--or-last", str(config)], capture_output=True, timeout=20, text=True)
