@@ -61,6 +61,8 @@ def run_service(options: dict[str, Any]) -> int:
             listeners = listening_sockets(settings.host, settings.port, settings.backlog)
     except ListenError as error:
         return _fail(str(error), 1)
+    except OSError as error:  # e.g. no socket from systemd and no network to bind in (PrivateNetwork=)
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror}", 1)
     try:  # before detaching: a log file that cannot be opened is said to the shell
         log = setup_logging(settings.model, settings.log_level, settings.log_file)
     except OSError as error:

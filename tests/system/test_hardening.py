@@ -147,18 +147,19 @@ def test_edit_the_socket_then_restart_it(clean: Container) -> None:
     clean.run("printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:12140\\n' > /root/listen.conf")
     clean.systemctl("start", unit)
     try:
-        edit = clean.run(
-            ["systemctl", "edit", socket_unit], env={"SYSTEMD_EDITOR": "cp /root/listen.conf"}, check=False
-        )
+        # systemctl edit wants a terminal: script(1) gives it one.
+        editor = f"SYSTEMD_EDITOR='cp /root/listen.conf' systemctl edit {socket_unit}"
+        edit = clean.run(["script", "-qec", editor, "/dev/null"], check=False)
         assert edit.returncode == 0, edit
-        clean.systemctl("restart", unit)  # the service alone: still the old address
-        listening = clean.run(["ss", "-Htln"]).stdout
+        pid = main_pid(clean, unit)
+        listening = clean.run(["ss", "-Htln"]).stdout  # the edit alone changes nothing yet
         assert ":11140 " in listening and ":12140 " not in listening, listening
-        clean.systemctl("restart", socket_unit)
+        round_trip(clean, "select")
+        clean.systemctl("restart", socket_unit)  # the socket, and with it the service
         listening = clean.run(["ss", "-Htln"]).stdout
         assert ":12140 " in listening and ":11140 " not in listening, listening
         probe(clean, "tcp", 12140)
-        assert state(clean, unit) == "active"
+        assert state(clean, unit) == "active" and main_pid(clean, unit) != pid
     finally:
         clean.run(f"rm -rf {drop_in}")
         clean.systemctl("daemon-reload")
