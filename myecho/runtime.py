@@ -116,7 +116,10 @@ class Runtime:
         """
         self.notifier.reloading()
         settings = self.settings
-        setup_logging(settings.model, settings.log_level, settings.log_file)
+        try:
+            setup_logging(settings.model, settings.log_level, settings.log_file)
+        except OSError as error:  # the log's folder went away: keep writing to the open file
+            self.log.error("reload: cannot reopen the log file: %s", error.strerror)
         try:
             new, changed, warnings = settings.reloaded()
         except SettingsError as error:
@@ -129,7 +132,7 @@ class Runtime:
             setattr(settings, name, getattr(new, name))
         settings.from_file = new.from_file
         if "log_level" in changed:
-            setup_logging(settings.model, settings.log_level, settings.log_file)
+            self.log.setLevel(settings.log_level.upper())
         self.log.info("reloaded (%s)", ", ".join(changed) if changed else "no setting changed")
         self.notifier.ready(self.stats.summary())
 

@@ -119,6 +119,27 @@ class _LogFile(logging.handlers.WatchedFileHandler):
     reopened after logrotate moved it: as root, a symlink planted in place
     of the log would otherwise let anyone append to any file."""
 
+    def reopenIfNeeded(self) -> None:
+        """Reopen when logrotate moved the file; when the new one cannot be
+        opened (its folder gone), go on writing to the open one instead of
+        raising out of every log call (which the standard handler does)."""
+        if self.stream is None:
+            return
+        try:
+            now = os.stat(self.baseFilename)
+        except OSError:
+            pass
+        else:
+            if (now.st_dev, now.st_ino) == (self.dev, self.ino):
+                return
+        try:
+            stream = self._open()
+        except OSError:
+            return
+        self.stream.close()
+        self.stream = stream
+        self._statstream()
+
     def _open(self) -> io.TextIOWrapper:
         from myecho.daemon import open_nofollow
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,3 +110,28 @@ def test_a_failure_after_detaching_reaches_the_shell(tmp_path: Path) -> None:
     line = one_line(daemon("zmq", "--listen", endpoint, "--pidfile", str(pidfile)))
     assert "cannot start the zmq model: No such file or directory" in line and "echo.sock" in line
     wait_until(lambda: not pidfile.exists(), timeout=5, what="the pidfile to go")
+
+
+def test_a_log_file_that_cannot_be_reopened_does_not_kill_the_daemon(tmp_path: Path, pidfiles: list[Path]) -> None:
+    """SIGHUP reopens --log-file; with its folder gone the daemon serves on
+    and logs on to the file it has open."""
+    import shutil
+    import socket
+
+    logs, pidfile, port = tmp_path / "logs", tmp_path / "pid", free_port()
+    logs.mkdir()
+    pidfiles.append(pidfile)
+    assert (
+        daemon("select", "--port", str(port), "--pidfile", str(pidfile), "--log-file", str(logs / "log")).returncode
+        == 0
+    )
+    pid = int(pidfile.read_text())
+    shutil.rmtree(logs)
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(0.5)  # the loop acts on the signal at once; before the fix it died here
+    for _ in range(3):  # and every later log line (one per connection at debug) is written somewhere
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            assert roundtrip(sock, b"still here") == b"still here"
+    os.kill(pid, signal.SIGHUP)
+    time.sleep(0.5)
+    os.kill(pid, 0)
