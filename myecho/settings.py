@@ -117,7 +117,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "heartbeat": (0.01, 3600),
     "liveness": (1, 1000),
 }
-DEFAULT_LIMITS = (0.0, float(2**31 - 1))
+DEFAULT_LIMITS = (0.0, float(2**53))  # not negative, exact as a float; list a real range in LIMITS
 CHOICES: dict[str, tuple[str, ...]] = {"log_level": ("debug", "info", "warning", "error")}
 #: Fields that are never read from the file (the command line or systemd gives them).
 NOT_IN_FILE = frozenset({"model", "explicit", "config", "listen", "from_file"})
