@@ -187,8 +187,7 @@ def test_settings_are_checked_before_start_and_reload(unit: str, copy: str) -> N
     """check-config as root before start (its failure alone does not fail the
     start: the model then reads the last clean copy) and before the HUP of a
     reload (its failure fails the reload); bad settings are never retried."""
-    from myecho.settings import EXIT_BAD_CONFIG
-
+    bad_config = 78  # myecho.settings.EXIT_BAD_CONFIG (this env does not install myecho; test_cli checks it)
     check = f"/usr/bin/myecho check-config --save /run/myecho/{copy}.conf"
     settings = _settings(unit)
     assert f"ExecStartPre=-+{check} --or-last /etc/default/myecho" in settings
@@ -196,7 +195,7 @@ def test_settings_are_checked_before_start_and_reload(unit: str, copy: str) -> N
     assert reloads == [f"ExecReload=+{check} /etc/default/myecho", "ExecReload=/bin/kill -HUP $MAINPID"]
     starts = [line for line in settings if line.startswith("ExecStart=")]
     assert len(starts) == 1 and starts[0].endswith(f"--config /run/myecho/{copy}.conf")
-    assert f"RestartPreventExitStatus={EXIT_BAD_CONFIG}" in settings
+    assert f"RestartPreventExitStatus={bad_config}" in settings
 
 
 def test_sockets_set_their_trigger_limits_on_purpose() -> None:
