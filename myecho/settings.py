@@ -128,6 +128,9 @@ def check_value(name: str, value: object) -> None:
     option = name.replace("_", "-")
     if isinstance(value, bool):
         return
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and not _is_utf8(text):
+            raise SettingsError(f"{option} {text!r} is not UTF-8 text")
     if isinstance(value, int | float):
         if not math.isfinite(value):
             raise SettingsError(f"{option} must be a finite number, not {value}")
@@ -136,6 +139,16 @@ def check_value(name: str, value: object) -> None:
             raise SettingsError(f"{option} {value} is not in {_number(low)}-{_number(high)}")
     elif name in CHOICES and (not isinstance(value, str) or value.lower() not in CHOICES[name]):
         raise SettingsError(f"{option} {value!r} is not {_either(CHOICES[name])}")
+
+
+def _is_utf8(text: str) -> bool:
+    """False for the surrogates Python puts in place of bytes that are not
+    UTF-8 (a command line argument, an environment variable)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _number(value: float) -> str:
