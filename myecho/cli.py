@@ -25,6 +25,8 @@ MODEL_HELP = {
     "broker": "load-balancing echo: REQ clients on the frontend, workers on the backend",
     "worker": "one echo worker for a broker, on any host",
 }
+DEFAULT_CONFIG = "/etc/default/myecho"
+EXIT_BAD_CONFIG = 78  # myecho.settings.EXIT_BAD_CONFIG, without importing it on the inetd path
 ENDPOINT_RULE = "@URL binds, >URL connects; tcp://, ipc:// (inproc:// within one process); repeatable"
 
 
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     from myecho import __version__
-    from myecho.settings import BROKER_BACKEND_PORT, DEFAULT_PORTS
+    from myecho.settings import BROKER_BACKEND_PORT, DEFAULT_PORTS, option_type
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=option_type("graceful_timeout"),
         metavar="SECONDS",
         help="on SIGTERM, how long open connections may go on (default: 5)",
     )
@@ -85,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tcp = Parser(add_help=False)
     tcp.add_argument("--host", help="address to listen on (default: 127.0.0.1, this machine only)")
-    tcp.add_argument("--port", type=int, help="TCP port (default: the model's port, see the README)")
-    tcp.add_argument("--backlog", type=int, help="listen backlog (default: 4096; the kernel caps it at somaxconn)")
+    tcp.add_argument("--port", type=option_type("port"), help="TCP port (default: the model's port, see the README)")
+    tcp.add_argument(
+        "--backlog", type=option_type("backlog"), help="listen backlog (default: 4096; the kernel caps it at somaxconn)"
+    )
 
     workers = Parser(add_help=False)
     workers.add_argument(
@@ -105,11 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
         description=MODEL_HELP["fork"] + f"; port {DEFAULT_PORTS['fork']}.",
     )
     fork.add_argument(
-        "--max-children", type=int, metavar="N", help="stop accepting while N children run (default: 1000)"
+        "--max-children",
+        type=option_type("max_children"),
+        metavar="N",
+        help="stop accepting while N children run (default: 1000)",
     )
     fork.add_argument(
         "--spare-children",
-        type=int,
+        type=option_type("spare_children"),
         metavar="N",
         help="children forked ahead, ready for one connection each (default: 4; 0: fork after accept, as the talk)",
     )
@@ -121,13 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     select.add_argument(
         "--max-connections",
-        type=int,
+        type=option_type("max_connections"),
         metavar="N",
         help="stop accepting at N open connections (default: 19000, and the fd limit)",
     )
     select.add_argument(
         "--buffer-limit",
-        type=int,
+        type=option_type("buffer_limit"),
         metavar="BYTES",
         help="bytes held for a client that does not read before its reads pause (default: 65536)",
     )
@@ -175,10 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     beats = Parser(add_help=False)
     beats.add_argument(
-        "--heartbeat", type=float, metavar="SECONDS", help="broker-worker heartbeat interval (default: 1)"
+        "--heartbeat",
+        type=option_type("heartbeat"),
+        metavar="SECONDS",
+        help="broker-worker heartbeat interval (default: 1)",
     )
     beats.add_argument(
-        "--liveness", type=int, metavar="N", help="heartbeats missed before a peer counts as dead (default: 3)"
+        "--liveness",
+        type=option_type("liveness"),
+        metavar="N",
+        help="heartbeats missed before a peer counts as dead (default: 3)",
     )
     broker = models.add_parser(
         "broker",
@@ -247,6 +260,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="the broker's public certificate (NAME.key): talk CURVE to a broker with that key only",
     )
 
+    check = commands.add_parser(
+        "check-config",
+        help="check a settings file as every model would read it; exit 0 only when clean",
+        description="Check a settings file (MYECHO_NAME=value lines) as every model would read it: "
+        "bytes that are not UTF-8, lines that are not NAME=value, bad or out-of-range values, "
+        "MYECHO_ names that no model knows (typos). One line per problem, FILE:LINE: what; "
+        f"exit 0 when clean, {EXIT_BAD_CONFIG} when not. The units run it before they start or reload.",
+    )
+    check.add_argument(
+        "file", nargs="?", type=_path, default=DEFAULT_CONFIG, metavar="FILE", help=f"default: {DEFAULT_CONFIG}"
+    )
+    check.add_argument(
+        "--save",
+        type=_path,
+        metavar="COPY",
+        help="when FILE is clean, copy it to COPY (atomically): the settings a unit starts and reloads with",
+    )
+    check.add_argument(
+        "--or-last",
+        action="store_true",
+        help="with --save: when FILE is bad but COPY holds an earlier clean copy, say so and exit 0 "
+        "(a restart keeps the last good settings instead of taking the service down)",
+    )
+
     from myecho.patterns.cli import add_pattern_commands
 
     add_pattern_commands(commands, Parser, ENDPOINT_RULE)
@@ -293,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return inetd_main()
     options = build_parser().parse_args(args)
+    if options.command == "check-config":
+        from myecho.checkconfig import run_check
+
+        return run_check(options.file, options.save, options.or_last)
     if options.command == "client":
         from myecho.client import run_client
 

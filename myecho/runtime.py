@@ -108,18 +108,31 @@ class Runtime:
         return others
 
     def reload(self) -> None:
-        """Re-read the config file and reopen logs; connections stay open."""
+        """Re-read the config file and reopen logs; connections stay open.
+
+        All or nothing: the whole file is read and checked into new settings
+        first; only then are the changed tunables copied over, in one step.
+        A bad file changes nothing and says why in one line.
+        """
         self.notifier.reloading()
         settings = self.settings
-        setup_logging(settings.model, settings.log_level, settings.log_file)
-        changed: list[str] = []
-        if settings.config is not None:
-            try:
-                changed = settings.apply_file(settings.config, Settings.RELOADABLE)
-            except SettingsError as error:
-                self.log.error("reload: %s; keeping the current settings", error)
-            if "log_level" in changed:
-                setup_logging(settings.model, settings.log_level, settings.log_file)
+        try:
+            setup_logging(settings.model, settings.log_level, settings.log_file)
+        except OSError as error:  # the log's folder went away: keep writing to the open file
+            self.log.error("reload: cannot reopen the log file: %s", error.strerror)
+        try:
+            new, changed, warnings = settings.reloaded()
+        except SettingsError as error:
+            self.log.error("reload refused, every setting kept: %s", error)
+            self.notifier.ready(self.stats.summary())
+            return
+        for warning in warnings:
+            self.log.warning("%s (ignored)", warning)
+        for name in changed:
+            setattr(settings, name, getattr(new, name))
+        settings.from_file = new.from_file
+        if "log_level" in changed:
+            self.log.setLevel(settings.log_level.upper())
         self.log.info("reloaded (%s)", ", ".join(changed) if changed else "no setting changed")
         self.notifier.ready(self.stats.summary())
 

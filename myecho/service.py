@@ -12,30 +12,29 @@ from pathlib import Path
 from typing import Any
 
 from myecho import prefork
-from myecho.daemon import PidfileError, daemonize
+from myecho.daemon import PidfileError, StartReport, daemonize
 from myecho.models import MODELS, WORKER_MODELS
 from myecho.patterns.endpoints import EndpointError
 from myecho.runtime import Runtime
-from myecho.settings import DEFAULT_PORTS, Settings, SettingsError
+from myecho.settings import EXIT_BAD_CONFIG, Settings, SettingsError, load
 from myecho.sockets import ListenError, broker_roles, from_systemd, from_systemd_named, listening_sockets
 from myecho.systemd import Notifier, setup_logging
 
 
 def make_settings(options: dict[str, Any]) -> Settings:
     """Defaults, then the config file, then what the command line says."""
+    return load_settings(options)[0]
+
+
+def load_settings(options: dict[str, Any]) -> tuple[Settings, list[str]]:
+    """``make_settings`` and the warnings about the file (unknown names)."""
     model = options["model"]
     known = {f.name for f in dataclasses.fields(Settings)}
     given = {name: value for name, value in options.items() if value is not None and name in known}
     given.pop("model", None)
     if not given.get("listen"):
         given.pop("listen", None)
-    settings = Settings(model=model, port=DEFAULT_PORTS.get(model, 0), explicit=frozenset(given))
-    if options.get("config") is not None:
-        settings.apply_file(options["config"])
-    for name, value in given.items():
-        setattr(settings, name, value)
-    settings.check()
-    return settings
+    return load(model, options.get("config"), given)
 
 
 def _fail(message: str, code: int) -> int:
@@ -45,9 +44,9 @@ def _fail(message: str, code: int) -> int:
 
 def run_service(options: dict[str, Any]) -> int:
     try:
-        settings = make_settings(options)
+        settings, warnings = load_settings(options)
     except SettingsError as error:
-        return _fail(str(error), 2)
+        return _fail(str(error), EXIT_BAD_CONFIG)
     model = importlib.import_module(f"myecho.models.{MODELS[settings.model]}")
     roles: list[str] = []
     try:
@@ -63,14 +62,31 @@ def run_service(options: dict[str, Any]) -> int:
             listeners = listening_sockets(settings.host, settings.port, settings.backlog)
     except ListenError as error:
         return _fail(str(error), 1)
+    except OSError as error:  # e.g. no socket from systemd and no network to bind in (PrivateNetwork=)
+        return _fail(f"cannot listen on {settings.host}:{settings.port}: {error.strerror}", 1)
+    try:  # before detaching: a log file that cannot be opened is said to the shell
+        log = setup_logging(settings.model, settings.log_level, settings.log_file)
+    except OSError as error:
+        return _fail(f"log file: {error.strerror}", 1)
+    for warning in warnings:
+        log.warning("%s (ignored)", warning)
+    report: StartReport | None = None
     if options.get("daemon"):
         pidfile: Path | None = options.get("pidfile")
         try:
-            daemonize(pidfile)
+            report = daemonize(pidfile)
         except PidfileError as error:
             return _fail(str(error), 1)
-    log = setup_logging(settings.model, settings.log_level, settings.log_file)
-    runtime = Runtime(settings, listeners, Notifier(), log)
+    notifier = Notifier()
+    serving = []  # [True] once the model said READY
+
+    def on_ready() -> None:
+        serving.append(True)
+        if report is not None:
+            report.ready()
+
+    notifier.on_ready = on_ready
+    runtime = Runtime(settings, listeners, notifier, log)
     runtime.listener_roles = roles
     started = False
     try:
@@ -81,15 +97,30 @@ def run_service(options: dict[str, Any]) -> int:
         started = True
     except EndpointError as error:  # an endpoint it could not bind: nothing ran, one line says why
         runtime.signals.close()
+        if report is not None:
+            report.failed(str(error))
         return _fail(str(error), 1)
     except prefork.WorkersFailed as error:  # the workers' own lines say why
         started = True
         runtime.log.error("%s", error)
+        if report is not None:
+            report.failed(str(error))
         return _fail(str(error), 1)
     except KeyboardInterrupt:  # a second ^C while stopping: stop now
         started = True
         return 130
+    except Exception as error:  # before READY: a start-up failure, said in one line
+        if serving:
+            started = True
+            raise
+        runtime.signals.close()
+        message = f"cannot start the {settings.model} model: {error}"
+        if report is not None:
+            report.failed(message)
+        return _fail(message, 1)
     finally:
         if started:
             runtime.finish()
+        if report is not None:
+            report.failed("the daemon stopped during start-up")  # a no-op once it said "ready"
     return 0

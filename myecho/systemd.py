@@ -6,6 +6,7 @@ Python ``sdnotify`` where the C binding is not installed. Outside systemd
 (no NOTIFY_SOCKET) every call is a no-op, so models never need to ask.
 """
 
+import io
 import logging
 import logging.handlers
 import os
@@ -37,6 +38,8 @@ class Notifier:
     def __init__(self) -> None:
         self._send = _notify_backend()
         self.watchdog_interval = self._watchdog_interval()
+        #: Called once, at the first READY (``--daemon``: tell the shell).
+        self.on_ready: Callable[[], None] | None = None
 
     @staticmethod
     def _watchdog_interval() -> float | None:
@@ -65,6 +68,9 @@ class Notifier:
 
     def ready(self, status: str) -> None:
         self._say(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
+        hook, self.on_ready = self.on_ready, None
+        if hook is not None:
+            hook()
 
     def status(self, status: str) -> None:
         self._say(f"STATUS={status}")
@@ -108,26 +114,62 @@ class _ModelFilter(logging.Filter):
         return True
 
 
+class _LogFile(logging.handlers.WatchedFileHandler):
+    """A log file opened without following a symlink (O_NOFOLLOW), also when
+    reopened after logrotate moved it: as root, a symlink planted in place
+    of the log would otherwise let anyone append to any file."""
+
+    def reopenIfNeeded(self) -> None:
+        """Reopen when logrotate moved the file; when the new one cannot be
+        opened (its folder gone), go on writing to the open one instead of
+        raising out of every log call (which the standard handler does)."""
+        if self.stream is None:
+            return
+        try:
+            now = os.stat(self.baseFilename)
+        except OSError:
+            pass
+        else:
+            if (now.st_dev, now.st_ino) == (self.dev, self.ino):
+                return
+        try:
+            stream = self._open()
+        except OSError:
+            return
+        self.stream.close()
+        self.stream = stream
+        self._statstream()
+
+    def _open(self) -> io.TextIOWrapper:
+        from myecho.daemon import open_nofollow
+
+        fd = open_nofollow(Path(self.baseFilename), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        stream = open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)  # noqa: SIM115
+        assert isinstance(stream, io.TextIOWrapper)
+        return stream
+
+
 def setup_logging(model: str, level: str = "info", log_file: Path | None = None) -> logging.Logger:
     """Log to journald under systemd, to a file when asked, else to stderr.
 
     Calling it again (on SIGHUP) replaces the handler, which reopens a log
-    file that logrotate moved away.
+    file that logrotate moved away. The new handler is made first: when the
+    file cannot be opened, ``OSError`` (one line) and the old one stays.
     """
     logger = logging.getLogger("myecho")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
     new: logging.Handler
     journal = _journal_handler_class() if under_journald() else None
     if log_file is not None:
-        new = logging.handlers.WatchedFileHandler(log_file)
+        new = _LogFile(log_file)
         new.setFormatter(logging.Formatter(f"%(asctime)s myecho[{model}/%(process)d]: %(message)s"))
     elif journal is not None:
         new = journal(SYSLOG_IDENTIFIER="myecho")
     else:
         new = logging.StreamHandler(sys.stderr)
         new.setFormatter(logging.Formatter(f"myecho[{model}/%(process)d]: %(message)s"))
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
     new.addFilter(_ModelFilter(model))
     logger.addHandler(new)
     logger.setLevel(level.upper())

@@ -9,7 +9,7 @@ import pytest
 from support import command
 
 from myecho.service import make_settings
-from myecho.settings import Settings, SettingsError
+from myecho.settings import SettingsError
 
 COMMANDS = [
     ["myecho"], ["myecho", "serve"], ["myecho", "serve", "inetd"], ["myecho", "serve", "fork"],
@@ -19,6 +19,7 @@ COMMANDS = [
     ["myecho", "pipeline"], ["myecho", "pipeline", "ventilator"], ["myecho", "pipeline", "worker"],
     ["myecho", "pipeline", "sink"], ["myecho", "pipeline", "run"],
     ["myecho", "pubsub"], ["myecho", "pubsub", "publisher"], ["myecho", "pubsub", "subscriber"],
+    ["myecho", "check-config"],
 ]
 
 
@@ -71,36 +72,21 @@ def test_version() -> None:
     assert result.stdout.startswith("myecho ")
 
 
-def test_settings_precedence(tmp_path: Path) -> None:
-    config = tmp_path / "default"
-    config.write_text(
-        'MYECHO_HOST="::1"\nMYECHO_SELECT_PORT=12000\nMYECHO_FORK_PORT=13000\n'
-        "MYECHO_GRACEFUL_TIMEOUT=2.5\nMYECHO_BUFFER_LIMIT=1000\nNOT_OURS=1\n# comment\n\n"
-    )
-    options = {"model": "select", "config": config, "buffer_limit": 4096, "host": None, "port": None}
-    settings = make_settings(options)
-    assert (settings.host, settings.port) == ("::1", 12000)  # the file, and this model's port only
-    assert settings.graceful_timeout == 2.5
-    assert settings.buffer_limit == 4096  # the command line wins
-    assert make_settings({"model": "fork"}).port == 11139  # the contract's default
-
-
-def test_reload_only_touches_reloadable_settings(tmp_path: Path) -> None:
-    config = tmp_path / "default"
-    config.write_text("MYECHO_PORT=1\nMYECHO_MAX_CHILDREN=7\n")
-    settings = Settings(model="fork", port=11139)
-    assert settings.apply_file(config, Settings.RELOADABLE) == ["max_children"]
-    assert settings.port == 11139
-
-
 def test_bad_values_name_the_line(tmp_path: Path) -> None:
     config = tmp_path / "default"
     config.write_text("\nMYECHO_BACKLOG=many\n")
     with pytest.raises(SettingsError, match=r"default:2: bad value for MYECHO_BACKLOG"):
-        Settings().apply_file(config)
+        make_settings({"model": "select", "config": config})
     config.write_text("MYECHO_LOG_LEVEL=loud\n")
-    with pytest.raises(SettingsError, match="log level"):
-        Settings().apply_file(config)
+    with pytest.raises(SettingsError, match="log-level 'loud' is not debug"):
+        make_settings({"model": "select", "config": config})
+
+
+def test_check_config_has_help_and_a_man_page_entry() -> None:
+    result = subprocess.run([command("myecho"), "--help"], capture_output=True, timeout=10, text=True)
+    assert "check-config" in result.stdout
+    page = (Path(__file__).parent.parent / "debian" / "myecho.1").read_text()
+    assert "check-config" in page
 
 
 def test_broker_and_worker_settings_from_the_file(tmp_path: Path) -> None:
@@ -127,3 +113,9 @@ def test_which_of_systemds_sockets_is_the_brokers_backend() -> None:
     assert broker_roles(["myecho@broker.socket", "myecho@broker.socket"]) == ["frontend", "backend"]
     assert broker_roles(["frontend", "frontend"]) == ["frontend", "backend"]  # one name for the whole unit
     assert broker_roles(["a", "b", "c"]) == ["frontend", "backend", "frontend"]
+
+
+def test_the_bad_config_status_is_one_number() -> None:
+    from myecho import cli, settings
+
+    assert cli.EXIT_BAD_CONFIG == settings.EXIT_BAD_CONFIG == 78  # sysexits.h EX_CONFIG, in the units too

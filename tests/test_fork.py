@@ -202,16 +202,6 @@ def test_daemon_mode_detaches_and_writes_a_pidfile(tmp_path: Path) -> None:
     assert "stopped" in log.read_text()
 
 
-def test_second_daemon_refuses_a_live_pidfile(tmp_path: Path) -> None:
-    pidfile = tmp_path / "myecho.pid"
-    pidfile.write_text(f"{os.getpid()}\n")
-    result = subprocess.run([command("myecho"), "serve", "fork", "--port", str(free_port()), "--daemon",
-                             "--pidfile", str(pidfile)], capture_output=True, timeout=10)
-    assert result.returncode == 1
-    assert result.stderr.decode().strip().endswith(f"names running process {os.getpid()}")
-    assert pidfile.read_text() == f"{os.getpid()}\n"
-
-
 def test_spares_are_topped_up_after_a_quiet_moment_or_when_few_are_left() -> None:
     """A replacement forked at once would take its copy-on-write faults
     during the first exchanges of the connection it replaces: the parent

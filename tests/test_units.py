@@ -11,32 +11,8 @@ from pathlib import Path
 import pytest
 from support import command
 
-from myecho import daemon, reference, sockets
+from myecho import reference, sockets
 from myecho.systemd import Notifier
-
-
-def test_stale_pidfile_is_taken_over(tmp_path: Path) -> None:
-    pidfile = tmp_path / "pid"
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    pidfile.write_text(f"{dead.pid}\n")
-    daemon.check_pidfile(pidfile)  # no error: that process is gone
-    pidfile.write_text("garbage\n")
-    daemon.check_pidfile(pidfile)
-
-
-def test_pidfile_of_another_users_process_counts_as_running(tmp_path: Path) -> None:
-    pidfile = tmp_path / "pid"
-    pidfile.write_text("1\n")  # init: alive, and not ours to signal when unprivileged
-    with pytest.raises(daemon.PidfileError, match="names running process 1"):
-        daemon.check_pidfile(pidfile)
-
-
-def test_unreadable_and_unwritable_pidfiles(tmp_path: Path) -> None:
-    with pytest.raises(daemon.PidfileError, match="cannot read pidfile"):
-        daemon.check_pidfile(tmp_path)  # a directory
-    with pytest.raises(daemon.PidfileError, match="cannot write pidfile"):
-        daemon.write_pidfile(tmp_path / "missing" / "pid")
 
 
 def test_describe_a_closed_socket() -> None:

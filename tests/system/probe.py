@@ -134,6 +134,46 @@ def cmd_stream(args: argparse.Namespace) -> dict[str, object]:
     return {"ok": ok, **results, "errors": errors[:10]}
 
 
+def cmd_burst(args: argparse.Namespace) -> dict[str, object]:
+    """COUNT clients connect at the same moment (a barrier), each sends one
+    line and reads its echo: how many were echoed, and how many the server
+    closed or refused.  ok when the burst ran; the caller judges the counts."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    results = {"echoed": 0, "closed": 0, "refused": 0, "failed": 0}
+    errors: list[str] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(args.count)
+
+    def client(number: int) -> None:
+        payload = b"burst %d\n" % number
+        outcome = "failed"
+        try:
+            barrier.wait(30)
+            got = echo_once(args.port, payload, args.timeout)
+            outcome = "echoed" if got == payload else "closed"
+        except ConnectionRefusedError:
+            outcome = "refused"
+        except (ConnectionResetError, BrokenPipeError):
+            outcome = "closed"
+        except (OSError, threading.BrokenBarrierError) as error:
+            outcome = "failed"
+            with lock:
+                errors.append(repr(error))
+        with lock:
+            results[outcome] += 1
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sample = sorted(set(errors))[:5]
+    return {"ok": sum(results.values()) == args.count, **results, "errors": sample}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--timeout", type=float, default=10.0)
@@ -156,6 +196,9 @@ def main() -> int:
     stream.add_argument("--clients", type=int, default=4)
     stream.add_argument("--pause", type=float, default=0.005)
     stream.add_argument("--stop-file", help="stop early once this file exists")
+    burst = commands.add_parser("burst")
+    burst.add_argument("port", type=int)
+    burst.add_argument("--count", type=int, default=1000)
     args = parser.parse_args()
     result = {
         "tcp": cmd_tcp,
@@ -163,6 +206,7 @@ def main() -> int:
         "concurrent": cmd_concurrent,
         "hold": cmd_hold,
         "stream": cmd_stream,
+        "burst": cmd_burst,
     }[args.command](args)
     print(json.dumps(result))
     return 0 if result["ok"] else 1

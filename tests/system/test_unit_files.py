@@ -120,7 +120,7 @@ def test_worker_unit() -> None:
         "Type=notify",
         "NotifyAccess=main",
         "EnvironmentFile=-/etc/default/myecho",
-        "ExecStart=/usr/bin/myecho serve worker --config /etc/default/myecho",
+        "ExecStart=/usr/bin/myecho serve worker --config /run/myecho/worker-%i.conf",
         "ExecReload=/bin/kill -HUP $MAINPID",
         "WatchdogSec=10s",
         "Restart=on-failure",
@@ -167,8 +167,48 @@ def test_xinetd_file() -> None:
     assert settings["disable"] == "yes"
     assert settings["user"] == "nobody"
     assert settings["bind"] == "127.0.0.1"
-    assert settings["server"] == "/usr/bin/python3"
-    assert settings["server_args"] == "-I -S /usr/lib/python3/dist-packages/myecho/models/inetd.py"
+    # The package's own program, not /usr/bin/python3: it goes with the package,
+    # and xinetd then drops the service (see debian/myecho.postrm).
+    assert settings["server"] == "/usr/lib/myecho/myecho-inetd"
+    assert "server_args" not in settings
+    assert "xinetd/myecho-inetd usr/lib/myecho/" in (REPO / "debian" / "myecho.install").read_text()
     rate, _seconds_off = (int(n) for n in settings["cps"].split())
     assert rate > 50, "xinetd's default (50 a second) would turn the service off in a burst"
     assert int(settings["instances"]) > 50
+
+
+def _settings(unit: str) -> list[str]:
+    text = (SYSTEMD_DIR / unit).read_text()
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.parametrize(("unit", "copy"), [("myecho@.service", "%i"), ("myecho-worker@.service", "worker-%i")])
+def test_settings_are_checked_before_start_and_reload(unit: str, copy: str) -> None:
+    """check-config as root before start (its failure alone does not fail the
+    start: the model then reads the last clean copy) and before the HUP of a
+    reload (its failure fails the reload); bad settings are never retried."""
+    bad_config = 78  # myecho.settings.EXIT_BAD_CONFIG (this env does not install myecho; test_cli checks it)
+    check = f"/usr/bin/myecho check-config --save /run/myecho/{copy}.conf"
+    settings = _settings(unit)
+    assert f"ExecStartPre=-+{check} --or-last /etc/default/myecho" in settings
+    reloads = [line for line in settings if line.startswith("ExecReload=")]
+    assert reloads == [f"ExecReload=+{check} /etc/default/myecho", "ExecReload=/bin/kill -HUP $MAINPID"]
+    starts = [line for line in settings if line.startswith("ExecStart=")]
+    assert len(starts) == 1 and starts[0].endswith(f"--config /run/myecho/{copy}.conf")
+    assert f"RestartPreventExitStatus={bad_config}" in settings
+
+
+def test_sockets_set_their_trigger_limits_on_purpose() -> None:
+    inetd = _settings("myecho-inetd.socket")
+    assert "Accept=yes" in inetd and "TriggerLimitIntervalSec=0" in inetd
+    assert "MaxConnections=256" in inetd
+    comment = (SYSTEMD_DIR / "myecho-inetd.socket").read_text()
+    assert "does NOT" in comment and "closes it" in comment  # the real behaviour above MaxConnections=
+    template = _settings("myecho@.socket")
+    assert "TriggerLimitIntervalSec=2s" in template and "TriggerLimitBurst=20" in template
+
+
+def test_purge_removes_every_kind_of_link() -> None:
+    postrm = (REPO / "debian" / "myecho.postrm").read_text()
+    for pattern in ("myecho@*", "myecho-worker@*", "myecho-inetd.socket", "myecho-inetd@*", "myecho.target"):
+        assert f"-name '{pattern}'" in postrm, pattern
