@@ -11,6 +11,8 @@ import pytest
 from conftest import ServeFactory, server_argv
 from support import free_port, roundtrip
 
+from myecho.settings import EXIT_BAD_CONFIG
+
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_loop_is_the_one_asked_for(serve: ServeFactory, loop: str) -> None:
@@ -27,7 +29,7 @@ def test_unknown_loop_in_the_settings_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run(server_argv("asyncio", free_port(), "--config", str(config)), capture_output=True,
                             text=True, timeout=10)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert result.returncode == EXIT_BAD_CONFIG and len(lines) == 1, result.stderr
     assert "loop 'libev' is not auto, asyncio or uvloop" in lines[0]
 
 
