@@ -24,6 +24,10 @@ MODEL_HELP = {
     "broker": "load-balancing echo: REQ clients on the frontend, workers on the backend",
     "worker": "one echo worker for a broker, on any host",
 }
+IDLE_HELP = (
+    "close a connection silent for SECONDS (default: 300; 0: never); at the connection limit, with more "
+    "waiting, the idlest connection is closed first"
+)
 ENDPOINT_RULE = "@URL binds, >URL connects; tcp://, ipc:// (inproc:// within one process); repeatable"
 
 
@@ -103,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="children forked ahead, ready for one connection each (default: 4; 0: fork after accept, as the talk)",
     )
+    fork.add_argument("--idle-timeout", type=float, metavar="SECONDS", help=IDLE_HELP)
     select = models.add_parser(
         "select",
         parents=[tcp, common],
@@ -121,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="bytes held for a client that does not read before its reads pause (default: 65536)",
     )
+    select.add_argument("--idle-timeout", type=float, metavar="SECONDS", help=IDLE_HELP)
     zmq = models.add_parser(
         "zmq",
         parents=[tcp, common],

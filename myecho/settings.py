@@ -7,6 +7,7 @@ tunables below change without a restart; the listening address does not
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class Settings:
     spare_children: int = 4
     max_connections: int = 19000
     buffer_limit: int = 65536
+    idle_timeout: float = 300.0
     log_level: str = "info"
     log_file: Path | None = None
     config: Path | None = None
@@ -54,7 +56,15 @@ class Settings:
     # Names given on the command line: a reload from the file must not undo them.
     explicit: frozenset[str] = frozenset()
 
-    RELOADABLE = ("graceful_timeout", "max_children", "spare_children", "max_connections", "buffer_limit", "log_level")
+    RELOADABLE = (
+        "graceful_timeout",
+        "max_children",
+        "spare_children",
+        "max_connections",
+        "buffer_limit",
+        "log_level",
+        "idle_timeout",
+    )
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -77,6 +87,8 @@ class Settings:
             raise SettingsError("spare-children must not be negative")
         if self.graceful_timeout < 0:
             raise SettingsError("graceful-timeout must not be negative")
+        if not math.isfinite(self.idle_timeout) or self.idle_timeout < 0:
+            raise SettingsError("idle-timeout must be a finite number of seconds, at least 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise SettingsError(f"log level {self.log_level!r} is not debug, info, warning or error")
 
