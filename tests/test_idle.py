@@ -126,8 +126,9 @@ def test_a_new_client_is_served_through_an_idle_flood(serve: ServeFactory, model
     assert active.exchanges > 10
 
 
-def test_debug_logs_one_line_per_connection(serve: ServeFactory) -> None:
-    server = serve("select", "--log-level", "debug", "--idle-timeout", "0.3")
+@pytest.mark.parametrize("model", ["select", "fork", "fork-classic"])
+def test_debug_logs_one_line_per_connection(serve: ServeFactory, model: str) -> None:
+    server = serve(model, "--log-level", "debug", "--idle-timeout", "0.3")
     with server.connect() as sock:
         assert roundtrip(sock, b"hello") == b"hello"
         port = sock.getsockname()[1]
@@ -144,8 +145,9 @@ def test_debug_logs_one_line_per_connection(serve: ServeFactory) -> None:
     )
 
 
-def test_no_connection_line_without_debug(serve: ServeFactory) -> None:
-    server = serve("select")
+@pytest.mark.parametrize("model", ["select", "fork"])
+def test_no_connection_line_without_debug(serve: ServeFactory, model: str) -> None:
+    server = serve(model)
     with server.connect() as sock:
         assert roundtrip(sock, b"hello") == b"hello"
     assert server.stop() == 0
