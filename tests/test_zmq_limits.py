@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import resource
 import socket
 import threading
@@ -123,3 +124,20 @@ def test_at_the_fd_limit_accepting_pauses_without_spinning() -> None:
             sock.close()
         context.destroy(linger=0)
         limited.kill()
+
+
+def test_debug_logs_one_line_per_connection(serve: ServeFactory) -> None:
+    server = serve("zmq", "--log-level", "debug")
+    context: Context = zmq.Context()
+    try:
+        client = req(context, f"tcp://127.0.0.1:{server.port}")
+        client.send(b"hello")
+        assert client.recv() == b"hello"
+        client.close(linger=0)
+        pattern = r"connection 127\.0\.0\.1:[0-9]+ ended after [0-9.]+ s, 5 bytes in 1 messages: disconnected"
+        deadline = time.monotonic() + 10
+        while not re.search(pattern, server.stderr) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert re.search(pattern, server.stderr), server.stderr
+    finally:
+        context.destroy(linger=0)
