@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import re
 import resource
 import socket
@@ -141,3 +142,28 @@ def test_debug_logs_one_line_per_connection(serve: ServeFactory) -> None:
         assert re.search(pattern, server.stderr), server.stderr
     finally:
         context.destroy(linger=0)
+
+
+def test_a_closed_door_keeps_new_connections_waiting_not_refused() -> None:
+    """The pause: a filter on the listening socket drops SYNs (the client
+    retries, as with a full backlog); lifted, the same connect completes."""
+    from myecho.models.zmq import Endpoint
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    endpoint = Endpoint("tcp://unused", listener)
+    client = socket.socket()
+    try:
+        assert endpoint.close_door(True)
+        client.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            client.connect(listener.getsockname())
+        time.sleep(0.3)
+        assert client.connect_ex(listener.getsockname()) in (errno.EALREADY, errno.EINPROGRESS)  # not refused
+        assert endpoint.close_door(False)
+        wait_until(lambda: client.connect_ex(listener.getsockname()) in (0, errno.EISCONN), timeout=5,
+                   what="connected once the door is open (the SYN retried after 1 s)")
+        conn, _ = listener.accept()
+        conn.close()
+    finally:
+        client.close()
+        listener.close()

@@ -231,7 +231,9 @@ class ForkServer:
                 return
 
     def lobby_open(self) -> bool:
-        return self.full() and len(self.ready) < LOBBY and not self.rt.stopping
+        """At the limit, with idle connections to be closed at all (idle_timeout > 0)."""
+        settings = self.rt.settings
+        return self.full() and len(self.ready) < LOBBY and not self.rt.stopping and settings.idle_timeout > 0
 
     def enter_lobby(self, waiting: Waiting) -> None:
         """Ready at once if it has spoken (or closed); else wait for its first

@@ -117,6 +117,10 @@ class Endpoint:
 
     def bind(self, router: zmq.Socket[bytes]) -> None:
         if self.sock is not None:
+            # The filter lives on the socket, which systemd shares: one left by
+            # a process killed while paused must not keep everyone out.
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
             router.setsockopt(zmq.USE_FD, os.dup(self.sock.fileno()))  # libzmq closes its copy
         try:
             router.bind(self.url)
@@ -524,7 +528,8 @@ class ZmqServer:
         self.monitor.close(linger=0)
         self.router.close(linger=int(linger * 1000))
         for endpoint in self.accepting.endpoints if self.accepting is not None else []:
-            if endpoint.sock is not None:
+            if endpoint.sock is not None:  # systemd's copy: new connections wait in its backlog again
+                endpoint.close_door(False)
                 endpoint.sock.close()
 
 
