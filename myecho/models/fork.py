@@ -207,7 +207,7 @@ class ForkServer:
         if self.spawner.overdue():
             if not self.spawner.late:
                 self.spawner.late = True
-                self.rt.log.error(
+                self.rt.log.warning(
                     "the spawner has not answered for %.1f s: forking after accept until it does", SPAWNER_DEADLINE
                 )
             return True
