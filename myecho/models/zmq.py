@@ -222,6 +222,7 @@ class AcceptPause:
     connections it closes the endpoints' door (``Endpoint.close_door``) and
     opens it again when there is room; after a failed accept it also
     rejects what waits in the backlogs, so libzmq has nothing left to retry.
+    ``close`` at a graceful stop, ``finish`` once the ROUTER is closed.
     The broker's frontend needs the same: ``bind_endpoints`` for its
     listeners, this on its monitor."""
 
@@ -286,6 +287,14 @@ class AcceptPause:
                     router.unbind(endpoint.bound)
         self.paused = True
         self.reserve.release()
+
+    def finish(self) -> None:
+        """Once the ROUTER is closed: lift the filters and close our listening
+        sockets (systemd's copies then queue new connections for the next start)."""
+        for endpoint in self.endpoints:
+            if endpoint.sock is not None:
+                endpoint.close_door(False)
+                endpoint.sock.close()
 
 
 @dataclass
@@ -527,10 +536,8 @@ class ZmqServer:
         self.router.disable_monitor()
         self.monitor.close(linger=0)
         self.router.close(linger=int(linger * 1000))
-        for endpoint in self.accepting.endpoints if self.accepting is not None else []:
-            if endpoint.sock is not None:  # systemd's copy: new connections wait in its backlog again
-                endpoint.close_door(False)
-                endpoint.sock.close()
+        if self.accepting is not None:
+            self.accepting.finish()
 
 
 def serve(runtime: Runtime) -> None:
