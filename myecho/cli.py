@@ -27,6 +27,10 @@ MODEL_HELP = {
 }
 DEFAULT_CONFIG = "/etc/default/myecho"
 EXIT_BAD_CONFIG = 78  # myecho.settings.EXIT_BAD_CONFIG, without importing it on the inetd path
+IDLE_HELP = (
+    "close a connection silent for SECONDS (default: 300; 0: never); at the connection limit, with more "
+    "waiting, the idlest connection is closed first"
+)
 ENDPOINT_RULE = "@URL binds, >URL connects; tcp://, ipc:// (inproc:// within one process); repeatable"
 
 
@@ -120,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="children forked ahead, ready for one connection each (default: 4; 0: fork after accept, as the talk)",
     )
+    fork.add_argument("--idle-timeout", type=float, metavar="SECONDS", help=IDLE_HELP)
     select = models.add_parser(
         "select",
         parents=[tcp, workers, common],
@@ -167,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close a connection silent that long (default: 300; 0: never)",
     )
+    select.add_argument("--idle-timeout", type=float, metavar="SECONDS", help=IDLE_HELP)
     zmq = models.add_parser(
         "zmq",
         parents=[tcp, common],

@@ -29,6 +29,8 @@ class Stats:
     messages: int = 0
     bytes: int = 0
     dropped: int = 0
+    idle_closed: int = 0  # connections closed after the idle timeout
+    shed: int = 0  # silent connections closed early, at the limit, for ones waiting
     detail: str = ""  # what else a model wants in STATUS (the broker: its pool)
 
     def connection_opened(self) -> None:
@@ -38,6 +40,8 @@ class Stats:
     def summary(self) -> str:
         text = f"{self.open} open, {self.served} served, {self.messages} messages, {self.bytes} bytes echoed"
         text += f", {self.dropped} dropped" if self.dropped else ""
+        text += f", {self.idle_closed} closed idle" if self.idle_closed else ""
+        text += f", {self.shed} shed" if self.shed else ""
         return text + (f"; {self.detail}" if self.detail else "")
 
 

@@ -85,7 +85,15 @@ class Settings:
     # reload compares against it, so only what the admin changed changes.
     from_file: dict[str, object] = field(default_factory=dict, repr=False, compare=False)
 
-    RELOADABLE = ("graceful_timeout", "max_children", "spare_children", "max_connections", "buffer_limit", "log_level")
+    RELOADABLE = (
+        "graceful_timeout",
+        "max_children",
+        "spare_children",
+        "max_connections",
+        "buffer_limit",
+        "log_level",
+        "idle_timeout",
+    )
 
     def check(self) -> None:
         """Every field against the table, then what involves several fields."""

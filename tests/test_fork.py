@@ -20,6 +20,7 @@ from support import (
     free_port,
     roundtrip,
     wait_listening,
+    wait_status,
     wait_until,
     zombies_of,
 )
@@ -228,3 +229,63 @@ def test_spares_are_topped_up_after_a_quiet_moment_or_when_few_are_left() -> Non
     finally:
         left.close()
         right.close()
+
+
+def test_a_killed_spawner_takes_no_live_connection_with_it(serve: ServeFactory) -> None:
+    server = serve("fork", "--spare-children", "2")
+    spawner = spawner_of(server)
+    spares = wait_for_spares(spawner, 2)
+    sock = server.connect()
+    assert roundtrip(sock, b"before") == b"before"
+    busy = spares[0]  # the oldest spare took it
+    os.kill(spawner, signal.SIGKILL)
+    wait_until(lambda: "the spawner died" in server.stderr, what="the log line")
+    # The busy child lives on, adopted by the parent (a subreaper), and echoes.
+    wait_until(lambda: busy in children_of(server.proc.pid), what="the busy child adopted")
+    for number in range(5):
+        assert roundtrip(sock, b"after %d" % number) == b"after %d" % number
+    with server.connect() as other:  # new ones: forked by the parent
+        assert exchange(other, b"new") == b"new"
+    # It still dies with the server.
+    server.proc.kill()
+    server.proc.wait()
+    wait_until(lambda: not Path(f"/proc/{busy}").exists() or
+               Path(f"/proc/{busy}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", what="the child gone")
+    sock.settimeout(5)
+    assert sock.recv(10) == b""
+    sock.close()
+
+
+def test_a_stopped_spawner_means_forking_after_accept(serve: ServeFactory) -> None:
+    server = serve("fork", "--spare-children", "2")
+    spawner = spawner_of(server)
+    wait_for_spares(spawner, 2)
+    os.kill(spawner, signal.SIGSTOP)
+    try:
+        held = []
+        for number in range(6):  # two spares, then the parent's own forks
+            sock = server.connect(timeout=5)
+            assert roundtrip(sock, b"%d" % number) == b"%d" % number
+            held.append(sock)
+        assert "the spawner has not answered" in server.stderr
+        assert len(children_of(server.proc.pid)) >= 5  # the spawner and four forked by the parent
+        for sock in held:
+            sock.close()
+    finally:
+        os.kill(spawner, signal.SIGCONT)
+    wait_until(lambda: "the spawner answers again" in server.stderr, what="the spawner back")
+    with server.connect() as sock:
+        assert exchange(sock, b"spare again") == b"spare again"
+
+
+@pytest.mark.parametrize("model", ["fork", "fork-classic"])
+def test_status_counts_bytes_while_connections_are_open(serve: ServeFactory, model: str) -> None:
+    server = serve(model)
+    sock = server.connect()
+    for message in (b"one", b"two", b"three"):
+        assert roundtrip(sock, message) == message
+        time.sleep(0.05)  # three reads, not one
+    status = wait_status(server, "1 open, 1 served, 3 messages, 11 bytes echoed")
+    assert status.startswith("1 open")
+    sock.close()
+    wait_status(server, "0 open, 1 served, 3 messages, 11 bytes echoed")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,25 +14,25 @@ from pathlib import Path
 import pytest
 from support import children_of, wait_until
 
-from myecho.models.spawner import MESSAGE, REPORT, Spawner
+from myecho.models.spawner import HANDOVER, MESSAGE, SLOT, SLOT_SIZE, Spawner, new_slots
 
 
 @dataclass
 class Link:
     pid: int
     control: socket.socket
-    reports: int
+    slots: mmap.mmap
     reaped: bool = False
 
     def ask(self) -> tuple[int, socket.socket]:
         """One spare: its pid and the parent's end of its channel."""
-        self.control.send(MESSAGE.pack(b"F", 0))
+        self.control.send(MESSAGE.pack(b"F", 0, 0))
         return self.expect(b"S")
 
     def expect(self, kind: bytes) -> tuple[int, socket.socket]:
         self.control.settimeout(10)
         data, fds, _, _ = socket.recv_fds(self.control, MESSAGE.size, 1)
-        got, pid = MESSAGE.unpack(data)
+        got, pid, _ = MESSAGE.unpack(data)
         assert got == kind
         return pid, socket.socket(fileno=fds[0]) if fds else socket.socket()
 
@@ -39,24 +41,24 @@ class Link:
 def spawner() -> Iterator[Link]:
     """A spawner forked from the test (so that coverage sees it), not exec'd."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    reports_r, reports_w = os.pipe()
+    slots_fd, slots = new_slots()
+    me = os.getpid()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             ours.close()
-            code = Spawner(theirs, reports_w).run()
+            code = Spawner(theirs, slots_fd, me).run()
         finally:
             os._exit(code)
     theirs.close()
-    os.close(reports_w)
-    link = Link(pid, ours, reports_r)
+    link = Link(pid, ours, slots)
     yield link
     ours.close()
     if not link.reaped:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-    os.close(reports_r)
+    os.close(slots_fd)
 
 
 def test_a_spare_echoes_the_connection_it_is_handed_then_exits(spawner: Link) -> None:
@@ -64,7 +66,7 @@ def test_a_spare_echoes_the_connection_it_is_handed_then_exits(spawner: Link) ->
     assert pid in children_of(spawner.pid)
     client, server_end = socket.socketpair()
     with channel, server_end:
-        socket.send_fds(channel, [b"c"], [server_end.fileno()])
+        socket.send_fds(channel, [HANDOVER.pack(7)], [server_end.fileno()])
     client.sendall(b"hello, spare")
     client.shutdown(socket.SHUT_WR)
     client.settimeout(10)
@@ -72,18 +74,17 @@ def test_a_spare_echoes_the_connection_it_is_handed_then_exits(spawner: Link) ->
     while chunk := client.recv(100):
         received += chunk
     assert received == b"hello, spare"
-    assert REPORT.unpack(os.read(spawner.reports, REPORT.size)) == (12, 1)
+    activity, nbytes, reads = SLOT.unpack_from(spawner.slots, 7 * SLOT_SIZE)  # its figures, in its slot
+    assert (nbytes, reads) == (12, 1)
+    assert 0 < time.monotonic() - activity < 10
     assert spawner.expect(b"X")[0] == pid  # reaped by the spawner, reported
     client.close()
 
 
-def test_a_retired_spare_exits_without_a_report(spawner: Link) -> None:
+def test_a_retired_spare_exits(spawner: Link) -> None:
     pid, channel = spawner.ask()
     channel.close()  # EOF: the parent has no connection for it
     assert spawner.expect(b"X")[0] == pid
-    os.set_blocking(spawner.reports, False)
-    with pytest.raises(BlockingIOError):
-        os.read(spawner.reports, REPORT.size)
 
 
 def test_spares_die_with_the_spawner(spawner: Link) -> None:

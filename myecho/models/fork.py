@@ -20,12 +20,24 @@ would take its copy-on-write faults while the connection it replaces is
 in its first exchanges, and on two cores delay them. Apache's prefork
 tops up its spares the same way, when idle (once a second). Still one
 process per connection, still a parent that accepts; the fork is just no
-longer on the client's clock. Should the spawner die, the
-parent logs it and goes back to forking itself.
+longer on the client's clock. A spawner that does not answer within
+``SPAWNER_DEADLINE`` (stopped, stuck) is worked around: the parent forks
+itself until spares come again. A spawner that dies leaves the
+connections it served to the parent (a child subreaper), which goes back
+to forking itself.
+
+Idle connections: the parent keeps its own copy of every connection it
+hands over, and each child records its last activity and its figures in
+a slot of a shared memory file (see ``spawner.py``). A connection silent
+for ``idle_timeout`` is shut down by the parent (the child then sees EOF
+and exits); at ``max_children`` with connections waiting in the backlog,
+the silent connections are shut down, idlest first, so that an idle flood
+cannot keep a new client out. The same slots give STATUS its live bytes.
 """
 
 import contextlib
 import gc
+import logging
 import os
 import selectors
 import signal
@@ -36,17 +48,68 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from myecho.accepting import LISTENER, Acceptor
-from myecho.models.spawner import MESSAGE, REPORT, die_with, load_prctl, reaped, serve_connection
+from myecho.accepting import (
+    LISTENER,
+    SHED_FLOOR,
+    Acceptor,
+    Pressure,
+    connection_ended,
+)
+from myecho.models.spawner import (
+    HANDOVER,
+    MESSAGE,
+    SLOT,
+    SLOT_COUNT,
+    SLOT_SIZE,
+    die_with,
+    load_prctl,
+    new_slots,
+    prctl,
+    reaped,
+    serve_connection,
+)
 from myecho.runtime import Runtime
-from myecho.sockets import describe
+from myecho.sockets import describe, raise_fd_limit
 
 SPAWNER = Path(__file__).with_name("spawner.py")
 #: Seconds without a handover before the spares are topped up (while at
 #: least half are left). Longer than a first exchange here (about 0.5 ms),
 #: short enough that a pool drawn on every few ms still refills.
 REPLENISH_DELAY = 0.003
+#: A spare asked of the spawner and not received after this long: the
+#: spawner is stopped or stuck, and the parent forks connections itself.
+SPAWNER_DEADLINE = 0.5
+#: How often the parent reads the children's slots (idle timeout, STATUS)
+#: when nothing is due sooner.
+SCAN_INTERVAL = 0.25
+PR_SET_CHILD_SUBREAPER = 36
+#: At ``max_children``, connections taken from the backlog wait in the
+#: parent for their first byte, at most this many: a silent one never gets
+#: a process, and when the lobby is full the one silent the longest leaves.
+LOBBY = 128
+#: Connections taken from the backlog per wake-up of the loop.
+ACCEPT_BATCH = 64
 load_prctl()  # here, once: a child forked after accept must start echoing as soon as it can
+
+
+@dataclass
+class Waiting:
+    """A connection accepted while every child was busy: in the lobby until it speaks."""
+
+    sock: socket.socket
+    since: float
+    peer: str
+
+
+@dataclass
+class Busy:
+    """A child serving a connection, as the parent sees it."""
+
+    sock: socket.socket  # the parent's copy: shut down to end the connection
+    slot: int
+    opened: float
+    peer: str
+    why: str = ""  # set when the parent ended it
 
 
 @dataclass
@@ -60,34 +123,43 @@ class Spare:
 class SpawnerLink:
     """The parent's side of the spawner: its process and its control socket."""
 
-    def __init__(self, reports_w: int) -> None:
+    def __init__(self, slots_fd: int) -> None:
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             theirs.set_inheritable(True)
-            os.set_inheritable(reports_w, True)
+            os.set_inheritable(slots_fd, True)
             try:
-                argv = [str(os.getpid()), str(theirs.fileno()), str(reports_w)]
+                argv = [str(os.getpid()), str(theirs.fileno()), str(slots_fd)]
                 self.pid = os.posix_spawn(
                     sys.executable, [sys.executable, "-I", "-S", str(SPAWNER), *argv], _child_environment()
                 )
             finally:
-                os.set_inheritable(reports_w, False)
+                os.set_inheritable(slots_fd, False)
         self.asked = 0  # spares asked for, not yet received
+        self.waited_since = 0.0  # when the oldest of those was asked for
+        self.late = False  # said so in the log
 
     def ask(self) -> None:
-        self.control.send(MESSAGE.pack(b"F", 0))
+        if not self.asked:
+            self.waited_since = time.monotonic()
+        self.control.send(MESSAGE.pack(b"F", 0, 0))
         self.asked += 1
 
-    def receive(self) -> tuple[bytes, int, socket.socket | None]:
-        """One message: (kind, pid, the spare's channel for b"S"); kind b"" at EOF."""
+    def overdue(self) -> bool:
+        """Asked for spares and got none for SPAWNER_DEADLINE: stopped or stuck."""
+        return self.asked > 0 and time.monotonic() - self.waited_since > SPAWNER_DEADLINE
+
+    def receive(self) -> tuple[bytes, int, int, socket.socket | None]:
+        """One message: (kind, pid, exit code, the spare's channel for b"S"); kind b"" at EOF."""
         data, fds, _, _ = socket.recv_fds(self.control, MESSAGE.size, 1)
         if not data:
-            return b"", 0, None
-        kind, pid = MESSAGE.unpack(data)
+            return b"", 0, 0, None
+        kind, pid, code = MESSAGE.unpack(data)
         channel = socket.socket(fileno=fds[0]) if fds else None
         if kind == b"S":
             self.asked -= 1
-        return kind, pid, channel
+            self.waited_since = time.monotonic()
+        return kind, pid, code, channel
 
     def close(self) -> None:
         """EOF on the control socket: the spawner exits (reaped as our child)."""
@@ -101,7 +173,7 @@ def _child_environment() -> dict[str, str]:
 
 
 class ForkServer:
-    """The parent: an accept loop, a table of children, a report pipe."""
+    """The parent: an accept loop, a table of children, the shared slots."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
@@ -109,64 +181,152 @@ class ForkServer:
         self.spawned: set[int] = set()  # from the spawner: spares and busy ones
         self.spares: deque[Spare] = deque()  # ready, oldest first
         self.unused: set[int] = set()  # spares never handed a connection
+        self.busy: dict[int, Busy] = {}  # every child serving a connection
+        self.lobby: dict[int, Waiting] = {}  # silent so far, oldest first (by fd)
+        self.ready: deque[Waiting] = deque()  # spoke: the next to get a child
         self.selector = selectors.DefaultSelector()
-        self.reports_r, self.reports_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.slots_fd, self.slots = new_slots()
+        self.free_slots = deque(range(1, SLOT_COUNT))  # 0 is the warm-up's scratch
+        self.done_bytes = self.done_messages = 0  # of connections that ended
         self.acceptor = Acceptor(self.selector, runtime)
         self.spawner: SpawnerLink | None = None
         self.spawner_failed = False
         self.terminated = False
         self.last_handover = 0.0
-
-    def busy(self) -> int:
-        return len(self.children) + len(self.spawned) - len(self.unused)
+        self.next_scan = 0.0
+        self.pressure = Pressure()
+        self.queued = 0  # connections waiting behind us at the limit, at the last scan
 
     def room(self) -> bool:
-        """Room for one more connection, and (with a spawner) a spare to take it."""
-        if self.busy() >= self.rt.settings.max_children:
+        """Room for one more connection, and (with a spawner) a spare to take it,
+        or a spawner so late that the parent forks itself."""
+        if len(self.busy) >= self.rt.settings.max_children:
             return False
-        return self.spawner is None or self.rt.settings.spare_children == 0 or bool(self.spares)
+        if self.spawner is None or self.rt.settings.spare_children == 0 or self.spares:
+            return True
+        if self.spawner.overdue():
+            if not self.spawner.late:
+                self.spawner.late = True
+                self.rt.log.warning(
+                    "the spawner has not answered for %.1f s: forking after accept until it does", SPAWNER_DEADLINE
+                )
+            return True
+        return False
+
+    def full(self) -> bool:
+        return len(self.busy) >= self.rt.settings.max_children
 
     def accept(self, listener: socket.socket) -> None:
-        while self.room() and (conn := self.acceptor.accept(listener)) is not None:
-            with conn:
-                if not self.hand_over(conn):
-                    self.fork(conn)
+        """A bounded batch: to a child while there is room, else to the lobby."""
+        for _ in range(ACCEPT_BATCH):
+            if self.room() and not self.ready:
+                if (conn := self.acceptor.accept(listener)) is None:
+                    return
+                self.start(conn, time.monotonic(), self.acceptor.last_peer)
+            elif self.lobby_open():
+                if (conn := self.acceptor.accept(listener)) is None:
+                    return
+                self.enter_lobby(Waiting(conn, time.monotonic(), self.acceptor.last_peer))
+            else:
+                return
 
-    def hand_over(self, conn: socket.socket) -> bool:
-        """Give ``conn`` to a waiting spare; False if none could take it."""
+    def lobby_open(self) -> bool:
+        """At the limit, with idle connections to be closed at all (idle_timeout > 0)."""
+        settings = self.rt.settings
+        return self.full() and len(self.ready) < LOBBY and not self.rt.stopping and settings.idle_timeout > 0
+
+    def enter_lobby(self, waiting: Waiting) -> None:
+        """Ready at once if it has spoken (or closed); else wait for its first
+        byte, making room by closing the lobby's longest-silent one."""
+        sock = waiting.sock
+        sock.setblocking(False)
+        try:
+            sock.recv(1, socket.MSG_PEEK)  # b"" (EOF) counts: its child will see it
+            self.ready.append(waiting)
+            return
+        except BlockingIOError:
+            pass
+        except OSError:
+            sock.close()
+            return
+        if self.lobby and len(self.lobby) + len(self.ready) >= LOBBY:
+            oldest = next(iter(self.lobby.values()))
+            self.leave_lobby(oldest)
+            self.rt.stats.shed += 1
+            self.lobby_closed(oldest, "shed from the lobby: silent since it was accepted, every child busy")
+        self.lobby[sock.fileno()] = waiting
+        self.selector.register(sock, selectors.EVENT_READ, waiting)
+
+    def leave_lobby(self, waiting: Waiting) -> None:
+        self.selector.unregister(waiting.sock)
+        del self.lobby[waiting.sock.fileno()]
+
+    def lobby_closed(self, waiting: Waiting, why: str) -> None:
+        waiting.sock.close()
+        if self.rt.log.isEnabledFor(logging.DEBUG):
+            self.rt.log.debug("%s", connection_ended(waiting.peer, time.monotonic() - waiting.since, 0, 0, why))
+
+    def spoke(self, waiting: Waiting) -> None:
+        self.leave_lobby(waiting)
+        self.ready.append(waiting)
+
+    def admit(self) -> None:
+        """Children for the connections that spoke in the lobby, first come first."""
+        while self.ready and self.room():
+            waiting = self.ready.popleft()
+            waiting.sock.setblocking(True)
+            self.start(waiting.sock, waiting.since, waiting.peer)
+
+    def start(self, conn: socket.socket, opened: float, peer: str) -> None:
+        """A child for ``conn``: a spare, or one forked here."""
+        slot = self.free_slots.popleft() if self.free_slots else 0
+        SLOT.pack_into(self.slots, slot * SLOT_SIZE, time.monotonic(), 0, 0)
+        pid = self.hand_over(conn, slot) or self.fork(conn, slot)
+        if pid:
+            self.busy[pid] = Busy(conn, slot, opened, peer)
+            self.rt.stats.connection_opened()
+        else:
+            conn.close()
+            self.release(slot)
+
+    def release(self, slot: int) -> None:
+        if slot:
+            self.free_slots.append(slot)
+
+    def hand_over(self, conn: socket.socket, slot: int) -> int:
+        """Give ``conn`` to a waiting spare: its pid, or 0 if none could take it."""
         while self.spares:
             spare = self.spares.popleft()
             try:
-                socket.send_fds(spare.channel, [b"c"], [conn.fileno()])
+                socket.send_fds(spare.channel, [HANDOVER.pack(slot)], [conn.fileno()])
             except OSError:  # it died waiting; the spawner will report it
                 continue
             finally:
                 spare.channel.close()
             self.unused.discard(spare.pid)
             self.last_handover = time.monotonic()
-            self.rt.stats.connection_opened()
-            return True
-        return False
+            return spare.pid
+        return 0
 
-    def fork(self, conn: socket.socket) -> None:
-        """The talk's way: fork the whole parent for this connection."""
+    def fork(self, conn: socket.socket, slot: int) -> int:
+        """The talk's way: fork the whole parent for this connection; its pid, 0 if none."""
         parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as error:
             self.rt.log.error("fork: %s; connection closed", error.strerror)
-            return
+            return 0
         if pid == 0:
             code = 1
             try:
-                code = self.child(conn, parent)
+                code = self.child(conn, slot, parent)
             finally:
                 os._exit(code)
         self.children.add(pid)
-        self.rt.stats.connection_opened()
+        return pid
 
     # -- the child ----------------------------------------------------------
-    def child(self, conn: socket.socket, parent: int) -> int:
+    def child(self, conn: socket.socket, slot: int, parent: int) -> int:
         """Echo one connection; default signal actions, no systemd, no listeners."""
         if not die_with(parent):
             return 0  # the parent died between fork and prctl
@@ -181,16 +341,19 @@ class ForkServer:
             sock.close()
         for spare in self.spares:  # a retired spare must see EOF
             spare.channel.close()
+        others = [busy.sock for busy in self.busy.values()] + [w.sock for w in [*self.lobby.values(), *self.ready]]
+        for other in others:  # theirs must end with them, not stay open here
+            other.close()
         if self.spawner is not None:
             self.spawner.control.close()
-        os.close(self.reports_r)
-        return serve_connection(conn, self.reports_w)
+        os.close(self.slots_fd)
+        return serve_connection(conn, self.slots, slot)
 
     # -- the spawner --------------------------------------------------------
     def start_spawner(self) -> None:
         self.spawner_failed = True  # started once: one that dies is not restarted in a loop
         try:
-            self.spawner = SpawnerLink(self.reports_w)
+            self.spawner = SpawnerLink(self.slots_fd)
         except OSError as error:
             self.rt.log.error("cannot start the spawner (%s): forking after accept", error.strerror)
             return
@@ -198,23 +361,22 @@ class ForkServer:
 
     def from_spawner(self) -> None:
         assert self.spawner is not None
-        kind, pid, channel = self.spawner.receive()
+        kind, pid, code, channel = self.spawner.receive()
         if kind == b"S" and channel is not None:
             self.spawned.add(pid)
             self.unused.add(pid)
             self.spares.append(Spare(pid, channel))
+            if self.spawner.late:
+                self.spawner.late = False
+                self.rt.log.info("the spawner answers again")
         elif kind == b"X":
-            self.spawned.discard(pid)
-            if pid in self.unused:  # retired, or died waiting
-                self.unused.discard(pid)
-                self.spares = deque(spare for spare in self.spares if spare.pid != pid)
-            else:
-                self.rt.stats.open -= 1
+            self.exited(pid, code)
         elif not kind:
             self.spawner_lost()
 
     def spawner_lost(self) -> None:
-        """The spawner died: its children died with it (PDEATHSIG)."""
+        """The spawner died: its idle spares exit (EOF on their channels),
+        its busy children go on, now ours (we are their subreaper)."""
         if self.spawner is None:
             return
         if not self.rt.stopping:
@@ -222,11 +384,10 @@ class ForkServer:
         self.selector.unregister(self.spawner.control)
         self.spawner.close()
         self.spawner = None
-        self.rt.stats.open -= len(self.spawned) - len(self.unused)
         for spare in self.spares:
             spare.channel.close()
         self.spares.clear()
-        self.spawned.clear()
+        self.spawned -= self.unused
         self.unused.clear()
 
     def keep_spares(self) -> None:
@@ -234,6 +395,9 @@ class ForkServer:
         retire the extra ones (after a reload lowered the number)."""
         settings = self.rt.settings
         wanted = 0 if self.rt.stopping else settings.spare_children
+        ending = sum(1 for busy in self.busy.values() if busy.why) if self.queued else 0
+        if wanted and self.queued:  # connections being shed: a spare ready for each that waits
+            wanted += min(self.queued, ending)
         if self.spawner is None and wanted > 0 and not self.spawner_failed:
             self.start_spawner()
         if self.spawner is None:
@@ -242,7 +406,7 @@ class ForkServer:
             self.spares.pop().channel.close()  # EOF: it exits
         if self.replenish_in(wanted) > 0:
             return
-        room = settings.max_children - len(self.children) - len(self.spawned) - self.spawner.asked
+        room = settings.max_children + ending - len(self.children) - len(self.spawned) - self.spawner.asked
         for _ in range(min(wanted - len(self.spares) - self.spawner.asked, room)):
             self.spawner.ask()
 
@@ -255,27 +419,96 @@ class ForkServer:
 
     # -- the parent's bookkeeping ---------------------------------------------
     def reap(self) -> None:
-        for pid in reaped():
+        for pid, code in reaped():
             if self.spawner is not None and pid == self.spawner.pid:
                 self.spawner_lost()
-            elif pid in self.children:
-                self.children.discard(pid)
-                self.rt.stats.open -= 1
+            elif pid in self.children or pid in self.spawned:  # spawned: adopted from a dead spawner
+                self.exited(pid, code)
 
-    def read_reports(self) -> None:
-        try:
-            data = os.read(self.reports_r, REPORT.size * 256)
-        except BlockingIOError:
+    def exited(self, pid: int, code: int) -> None:
+        """A child is gone: its final figures from its slot, its debug line."""
+        self.children.discard(pid)
+        self.spawned.discard(pid)
+        if pid in self.unused:  # a spare retired, or died waiting
+            self.unused.discard(pid)
+            self.spares = deque(spare for spare in self.spares if spare.pid != pid)
             return
-        for offset in range(0, len(data) - len(data) % REPORT.size, REPORT.size):
-            total, reads = REPORT.unpack_from(data, offset)
-            self.rt.stats.bytes += total
-            self.rt.stats.messages += reads
+        busy = self.busy.pop(pid, None)
+        if busy is None:
+            return
+        busy.sock.close()
+        _, nbytes, reads = SLOT.unpack_from(self.slots, busy.slot * SLOT_SIZE) if busy.slot else (0, 0, 0)
+        self.release(busy.slot)
+        self.done_bytes += nbytes
+        self.done_messages += reads
+        self.rt.stats.open -= 1
+        if self.rt.log.isEnabledFor(logging.DEBUG):
+            why = busy.why or ("client closed" if code == 0 else f"error (exit code {code})")
+            self.rt.log.debug("%s", connection_ended(busy.peer, time.monotonic() - busy.opened, nbytes, reads, why))
+
+    def end(self, busy: Busy, why: str) -> None:
+        """End a connection from here: its child reads EOF (or fails to write) and exits."""
+        busy.why = why
+        with contextlib.suppress(OSError):
+            busy.sock.shutdown(socket.SHUT_RDWR)
+
+    def scan(self) -> float:
+        """Read the slots: live figures for STATUS, idle connections closed,
+        and at the limit with connections waiting, the idlest shed.
+        Returns the seconds until the next scan is due."""
+        now = time.monotonic()
+        settings = self.rt.settings
+        live_bytes = live_messages = 0
+        silent: list[tuple[float, Busy]] = []
+        ending = 0
+        for busy in self.busy.values():
+            if not busy.slot:  # none was free: neither figures nor idle time
+                continue
+            activity, nbytes, reads = SLOT.unpack_from(self.slots, busy.slot * SLOT_SIZE)
+            live_bytes += nbytes
+            live_messages += reads
+            if busy.why:
+                ending += 1
+            else:
+                silent.append((now - activity, busy))
+        self.rt.stats.bytes = self.done_bytes + live_bytes
+        self.rt.stats.messages = self.done_messages + live_messages
+        for waiting in list(self.lobby.values()):  # oldest first
+            if self.rt.stopping or (0 < settings.idle_timeout <= now - waiting.since):
+                self.leave_lobby(waiting)
+                self.rt.stats.idle_closed += 1
+                self.lobby_closed(waiting, "stopping" if self.rt.stopping else f"idle for {settings.idle_timeout:g} s")
+            else:
+                break
+        full = self.full() and not self.rt.stopping
+        self.queued = len(self.ready) if full else 0
+        allowed = self.pressure.silence_allowed(settings.idle_timeout, self.queued, now)
+        queued = max(0, self.queued - ending)  # those already ending make room too
+        if settings.idle_timeout <= 0 or not silent:
+            return SCAN_INTERVAL
+        silent.sort(key=lambda pair: pair[0], reverse=True)  # idlest first
+        for seconds, busy in silent:
+            if seconds >= settings.idle_timeout:
+                self.rt.stats.idle_closed += 1
+                self.end(busy, f"idle for {settings.idle_timeout:g} s")
+            elif queued > 0 and seconds >= allowed:
+                self.rt.stats.shed += 1
+                self.end(busy, f"shed: silent {seconds:.3f} s, the longest, while {queued} waited")
+                queued -= 1
+            else:
+                break
+        due = min((settings.idle_timeout - seconds for seconds, busy in silent if not busy.why), default=SCAN_INTERVAL)
+        if self.lobby:
+            due = min(due, next(iter(self.lobby.values())).since + settings.idle_timeout - now)
+        if self.queued:  # look again soon: connections wait for a child
+            due = min(due, SHED_FLOOR / 2)
+        return max(0.005, min(due, SCAN_INTERVAL))
 
     def terminate_children(self) -> None:
-        busy = [*self.children, *(self.spawned - self.unused)]
+        busy = [*self.busy]
         self.rt.log.info("grace period over: terminating %d children", len(busy))
         for pid in busy:
+            self.busy[pid].why = "grace period over"
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         self.terminated = True
@@ -283,18 +516,25 @@ class ForkServer:
     # -- the loop ---------------------------------------------------------------
     def serve(self) -> None:
         rt = self.rt
+        raise_fd_limit()  # the parent keeps a copy of every connection
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead spawner's busy children become ours
         self.selector.register(rt.signals, selectors.EVENT_READ, "signals")
-        self.selector.register(self.reports_r, selectors.EVENT_READ, "reports")
         # Objects that exist now are shared with every child: keep the garbage
         # collector from writing to them, which would copy their pages.
         gc.freeze()
         rt.ready(", ".join(describe(sock) for sock in rt.listeners))
         while not (rt.stopping and not self.children and not self.spawned):
             self.keep_spares()
-            self.acceptor.update(self.room())
+            self.admit()
+            self.acceptor.update((self.room() and not self.ready) or self.lobby_open())
             timeout = self.acceptor.timeout(rt.timeout())
+            timeout = min(timeout, max(0.0, self.next_scan - time.monotonic()))
             if self.spawner is not None and len(self.spares) + self.spawner.asked < rt.settings.spare_children:
                 timeout = min(timeout, self.replenish_in(rt.settings.spare_children) or timeout)  # wake to ask
+            if self.spawner is not None and self.spawner.asked and not self.spares:  # wake when it is late
+                timeout = min(
+                    timeout, max(0.0, self.spawner.waited_since + SPAWNER_DEADLINE - time.monotonic()) + 0.001
+                )
             for key, _ in self.selector.select(timeout):
                 if key.data == LISTENER:
                     self.accept(key.fileobj)  # type: ignore[arg-type]
@@ -302,9 +542,11 @@ class ForkServer:
                     rt.on_signals()
                 elif key.data == "spawner":
                     self.from_spawner()
-                else:
-                    self.read_reports()
+                elif isinstance(key.data, Waiting):
+                    self.spoke(key.data)
             self.reap()
+            if time.monotonic() >= self.next_scan:
+                self.next_scan = time.monotonic() + self.scan()
             if rt.grace_expired() and not self.terminated:
                 self.terminate_children()
             rt.tick()
@@ -312,7 +554,9 @@ class ForkServer:
             self.spawner.close()
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.spawner.pid, 0)
-        self.read_reports()
+        self.scan()
+        for waiting in [*self.lobby.values(), *self.ready]:
+            waiting.sock.close()
         self.selector.close()
         rt.close_listeners()
 

@@ -8,14 +8,22 @@ The talk's "mono" daemon, cured of the weaknesses it listed:
 - an accept flood is taken in bounded batches, and running out of file
   descriptors (EMFILE) pauses accepting for a moment instead of spinning;
 - ``selectors`` picks epoll here: no FD_SETSIZE cap at 1,024 as PHP's
-  stream_select had, and no cost that grows with idle connections.
+  stream_select had, and no cost that grows with idle connections;
+- a connection silent for ``idle_timeout`` is closed, and at the limit,
+  with more connections waiting in the backlog, the connections silent the
+  longest are closed first (an idle-connection flood cannot keep a new
+  client out). Connections are kept in order of their last activity, so
+  finding the idlest costs nothing.
 """
 
 import contextlib
+import logging
 import selectors
 import socket
+import time
+from collections import OrderedDict
 
-from myecho.accepting import LISTENER, Acceptor
+from myecho.accepting import LISTENER, PRESSURE_POLL, Acceptor, Pressure, connection_ended, waiting
 from myecho.runtime import Runtime
 from myecho.sockets import describe, raise_fd_limit
 
@@ -28,21 +36,27 @@ WRITE = selectors.EVENT_WRITE
 class Connection:
     """One client: its socket, the bytes it has not read back yet, EOF seen."""
 
-    __slots__ = ("eof", "events", "pending", "sock")
+    __slots__ = ("activity", "eof", "events", "nbytes", "opened", "peer", "pending", "reads", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, now: float, peer: str) -> None:
         self.sock = sock
         self.pending = bytearray()
         self.eof = False
         self.events = READ
+        self.opened = self.activity = now
+        self.peer = peer
+        self.nbytes = self.reads = 0
 
 
 class SelectServer:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.selector = selectors.DefaultSelector()
-        self.connections: dict[int, Connection] = {}
+        # Least recently active first: moved to the end at each read or send.
+        self.connections: OrderedDict[int, Connection] = OrderedDict()
         self.acceptor = Acceptor(self.selector, runtime)
+        self.now = time.monotonic()
+        self.pressure = Pressure()
 
     def room(self) -> bool:
         return len(self.connections) < self.rt.settings.max_connections
@@ -56,7 +70,7 @@ class SelectServer:
             if sock is None:
                 return
             sock.setblocking(False)
-            conn = Connection(sock)
+            conn = Connection(sock, self.now, self.acceptor.last_peer)
             self.connections[sock.fileno()] = conn
             self.selector.register(sock, READ, conn)
             self.rt.stats.connection_opened()
@@ -67,20 +81,28 @@ class SelectServer:
             conn.events = events
             self.selector.modify(conn.sock, events, conn)
 
-    def close(self, conn: Connection) -> None:
+    def close(self, conn: Connection, why: str = "error") -> None:
         self.selector.unregister(conn.sock)
         del self.connections[conn.sock.fileno()]
         conn.sock.close()
         self.rt.stats.open -= 1
+        if self.rt.log.isEnabledFor(logging.DEBUG):
+            line = connection_ended(conn.peer, time.monotonic() - conn.opened, conn.nbytes, conn.reads, why)
+            self.rt.log.debug("%s", line)
+
+    def active(self, conn: Connection) -> None:
+        conn.activity = self.now
+        self.connections.move_to_end(conn.sock.fileno())
 
     def on_readable(self, conn: Connection) -> None:
         try:
             data = conn.sock.recv(CHUNK)
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:
-            self.close(conn)
+        except OSError as error:
+            self.close(conn, f"error: {error.strerror}")
             return
+        self.active(conn)
         if not data:
             conn.eof = True
             if conn.pending:
@@ -91,6 +113,8 @@ class SelectServer:
         stats = self.rt.stats
         stats.messages += 1
         stats.bytes += len(data)
+        conn.reads += 1
+        conn.nbytes += len(data)
         if conn.pending:
             conn.pending += data
         else:
@@ -98,8 +122,8 @@ class SelectServer:
                 sent = conn.sock.send(data)
             except BlockingIOError:
                 sent = 0
-            except OSError:
-                self.close(conn)
+            except OSError as error:
+                self.close(conn, f"error: {error.strerror}")
                 return
             if sent == len(data):
                 return
@@ -112,9 +136,11 @@ class SelectServer:
             sent = conn.sock.send(conn.pending)
         except BlockingIOError:
             return
-        except OSError:
-            self.close(conn)
+        except OSError as error:
+            self.close(conn, f"error: {error.strerror}")
             return
+        if sent:
+            self.active(conn)
         del conn.pending[:sent]
         if conn.pending:
             if len(conn.pending) < self.rt.settings.buffer_limit and not conn.eof:
@@ -128,7 +154,32 @@ class SelectServer:
         """Client half-closed and got everything back: close our side too."""
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_WR)
-        self.close(conn)
+        self.close(conn, "client closed")
+
+    def close_idle(self) -> float:
+        """Close the connections silent too long; seconds until the next is due.
+
+        At the limit with connections waiting, "too long" may be much
+        shorter (``Pressure``), and at most as many are shed as wait."""
+        settings = self.rt.settings
+        if settings.idle_timeout <= 0 or not self.connections:
+            return float("inf")
+        queued = waiting(self.rt.listeners) if not self.room() and not self.rt.stopping else 0
+        allowed = self.pressure.silence_allowed(settings.idle_timeout, queued, self.now)
+        while self.connections:
+            conn = next(iter(self.connections.values()))  # the idlest
+            silent = self.now - conn.activity
+            if silent >= settings.idle_timeout:
+                self.rt.stats.idle_closed += 1
+                self.close(conn, f"idle for {settings.idle_timeout:g} s")
+            elif queued > 0 and silent >= allowed:
+                self.rt.stats.shed += 1
+                self.close(conn, f"shed: silent {silent:.3f} s, the longest, while {queued} waited")
+                queued -= 1
+            else:
+                wake = conn.activity + (allowed if queued > 0 else settings.idle_timeout) - self.now
+                return min(wake, PRESSURE_POLL) if not self.room() else wake
+        return PRESSURE_POLL if not self.room() else float("inf")
 
     # -- the loop -----------------------------------------------------------------
     def serve(self) -> None:
@@ -140,8 +191,11 @@ class SelectServer:
         self.acceptor.update(room=True)
         rt.ready(", ".join(describe(sock) for sock in rt.listeners))
         select = self.selector.select
+        idle_in = float("inf")
         while not (rt.stopping and not self.connections):
-            for key, mask in select(self.acceptor.timeout(rt.timeout())):
+            ready = select(self.acceptor.timeout(min(rt.timeout(), idle_in)))
+            self.now = time.monotonic()
+            for key, mask in ready:
                 conn = key.data
                 if type(conn) is Connection:  # the common case first
                     if mask & READ:
@@ -152,11 +206,12 @@ class SelectServer:
                     self.accept(key.fileobj)  # type: ignore[arg-type]
                 else:
                     rt.on_signals()
+            idle_in = max(0.0, self.close_idle())
             self.acceptor.update(self.room())
             if rt.grace_expired() and self.connections:
                 rt.log.info("grace period over: closing %d connections", len(self.connections))
                 for conn in list(self.connections.values()):
-                    self.close(conn)
+                    self.close(conn, "grace period over")
             rt.tick()
         self.selector.close()
         rt.close_listeners()

@@ -14,28 +14,48 @@ beside it, on another core.
 
 It speaks to the parent over one SOCK_SEQPACKET socket (``MESSAGE``):
 ``F`` from the parent asks for one more spare; ``S pid`` with a descriptor
-answers with the spare and the parent's end of its socketpair; ``X pid``
-says that a spare has exited (and been reaped here). EOF from the parent
-means stop: idle spares get EOF from the parent too, busy ones are the
-parent's to SIGTERM. Every process here dies with its parent
-(PR_SET_PDEATHSIG), so none outlives the fork model's parent.
+answers with the spare and the parent's end of its socketpair; ``X pid
+code`` says that a spare has exited (and been reaped here) with that exit
+code. EOF from the parent means stop: idle spares get EOF from the parent
+too, busy ones are the parent's to SIGTERM.
+
+Each connection's figures live in a *slot* of a memory file shared with
+the parent (``SLOT``: last activity, bytes, reads), written after every
+echo: the parent reads them for a live STATUS, to close idle connections
+and, at the limit, to shed the idlest one. The parent names the slot when
+it hands the connection over.
+
+Who dies with whom: this process dies with the parent (PR_SET_PDEATHSIG).
+A spare is told of this process's death too, but by SIGUSR2, and only
+exits if it is not the parent's (a subreaper) now: a ``kill -9`` of the
+spawner leaves the connections being served alone, and the parent's death
+still takes every one of them (their parent-death signal fires again).
 """
 
 import gc
+import mmap
 import os
 import select
 import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 
-#: Each child writes (bytes, reads) once, at exit: 16 bytes, well under
-#: PIPE_BUF, so reports from many children never interleave.
-REPORT = struct.Struct("=QQ")
-#: Parent <-> spawner: a kind (b"F", b"S", b"X") and a pid.
-MESSAGE = struct.Struct("=ci")
+#: A connection's figures, in its slot: last activity (CLOCK_MONOTONIC, the
+#: same clock in every process), bytes echoed, reads.
+SLOT = struct.Struct("=dQQ")
+SLOT_SIZE = 32
+#: Slots in the shared file; slot 0 is scratch (the warm-up writes there).
+#: Only the pages of slots in use take memory.
+SLOT_COUNT = 65536
+#: The parent hands a spare its connection with the slot's number.
+HANDOVER = struct.Struct("=I")
+#: Parent <-> spawner: a kind (b"F", b"S", b"X"), a pid, an exit code (b"X").
+MESSAGE = struct.Struct("=cii")
 PR_SET_PDEATHSIG = 1
+CHUNK = 65536
 
 
 _prctl: list[Callable[..., int]] = []  # libc's
@@ -53,39 +73,69 @@ def load_prctl() -> None:
             _prctl.append(lambda *args: 0)
 
 
-def die_with(parent: int) -> bool:
-    """Have the kernel SIGTERM us when ``parent`` dies; False if it already has."""
+def prctl(option: int, value: int) -> None:
+    """libc's prctl(option, value) (a no-op where there is none)."""
     load_prctl()
-    _prctl[0](PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _prctl[0](option, value, 0, 0, 0)
+
+
+def die_with(parent: int, signum: int = signal.SIGTERM) -> bool:
+    """Have the kernel send ``signum`` when our parent dies; False if
+    ``parent`` (our parent at fork) has already died."""
+    load_prctl()
+    _prctl[0](PR_SET_PDEATHSIG, signum, 0, 0, 0)
     return os.getppid() == parent
 
 
-def reaped() -> Iterator[int]:
-    """Every child that has exited, without blocking: none is left a zombie."""
+def open_slots(fd: int) -> mmap.mmap:
+    """Map the shared slots file (MAP_SHARED: inherited by every fork)."""
+    return mmap.mmap(fd, SLOT_COUNT * SLOT_SIZE)
+
+
+def new_slots() -> tuple[int, mmap.mmap]:
+    """The slots file (a memfd: no path, no disk) and its mapping."""
+    fd = os.memfd_create("myecho-slots", os.MFD_CLOEXEC)
+    os.ftruncate(fd, SLOT_COUNT * SLOT_SIZE)
+    return fd, open_slots(fd)
+
+
+def reaped() -> Iterator[tuple[int, int]]:
+    """Every child that has exited (pid, exit code; -N: killed by signal N),
+    without blocking: none is left a zombie."""
     while True:
         try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
             return
-        yield pid
+        yield pid, os.waitstatus_to_exitcode(status)
 
 
-def serve_connection(conn: socket.socket, reports: int | None) -> int:
-    """Echo one connection until EOF, write its figures to ``reports``; the exit code."""
-    from myecho.echo import echo_fds
+def serve_connection(conn: socket.socket, slots: mmap.mmap | None, slot: int) -> int:
+    """Echo one connection until EOF, its figures kept in ``slot``; the exit code.
 
-    code = total = reads = 0
+    The slot is written after each echo, so the parent sees the bytes live
+    and when the connection was last active; a write that takes only part
+    counts as activity too (a slow reader is not an idle one)."""
+    fd = conn.fileno()
+    offset = slot * SLOT_SIZE
+    pack, clock = SLOT.pack_into, time.monotonic
+    total = reads = 0
     try:
-        total, reads = echo_fds(conn.fileno(), conn.fileno())
+        while data := os.read(fd, CHUNK):
+            total += len(data)
+            reads += 1
+            view = memoryview(data)
+            while view := view[os.write(fd, view) :]:
+                if slots is not None:
+                    pack(slots, offset, clock(), total - len(view), reads)
+            if slots is not None:
+                pack(slots, offset, clock(), total, reads)
         conn.shutdown(socket.SHUT_WR)
     except OSError:
-        code = 1
-    figures = REPORT.pack(total, reads)  # packed for the warm-up too: its pages are the point
-    if reports is not None:
-        os.write(reports, figures)
-    return code
+        return 1
+    return 0
 
 
 def warm_up() -> None:
@@ -96,30 +146,47 @@ def warm_up() -> None:
     with ours:
         ours.sendall(b"w")
         ours.shutdown(socket.SHUT_WR)
-        serve_connection(theirs, None)
+        serve_connection(theirs, _slots[0] if _slots else None, 0)
         theirs.close()
         ours.recv(1)
 
 
-def wait_and_serve(channel: socket.socket, reports: int) -> int:
-    """A spare's life: one connection from the parent, or EOF (retired)."""
+_slots: list[mmap.mmap] = []  # this process's mapping of the slots file
+
+
+def wait_and_serve(channel: socket.socket) -> int:
+    """A spare's life: one connection (and its slot) from the parent, or EOF (retired)."""
     warm_up()
     try:
-        _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+        data, fds, _, _ = socket.recv_fds(channel, HANDOVER.size, 1)
     except OSError:
         return 1
     channel.close()
     if not fds:
         return 0
-    return serve_connection(socket.socket(fileno=fds[0]), reports)
+    (slot,) = HANDOVER.unpack(data) if len(data) == HANDOVER.size else (0,)
+    return serve_connection(socket.socket(fileno=fds[0]), _slots[0] if _slots else None, slot)
+
+
+def orphaned_by(server: int) -> Callable[[int, object], None]:
+    """A spare's SIGUSR2 handler, its parent-death signal: exit unless the
+    server has adopted us (the spawner died, the server lives)."""
+
+    def handler(signum: int, frame: object) -> None:
+        if os.getppid() != server:
+            os._exit(0)
+
+    return handler
 
 
 class Spawner:
     """Forks spares on request, reaps them, tells the parent."""
 
-    def __init__(self, control: socket.socket, reports: int) -> None:
+    def __init__(self, control: socket.socket, slots_fd: int | None, server: int) -> None:
         self.control = control
-        self.reports = reports
+        self.server = server
+        if slots_fd is not None and not _slots:
+            _slots.append(open_slots(slots_fd))
         self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
@@ -137,16 +204,17 @@ class Spawner:
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 os.close(self.wakeup_r)
                 os.close(self.wakeup_w)
-                code = wait_and_serve(theirs, self.reports) if die_with(me) else 0
+                signal.signal(signal.SIGUSR2, orphaned_by(self.server))
+                code = wait_and_serve(theirs) if die_with(me, signal.SIGUSR2) else 0
             finally:
                 os._exit(code)
         theirs.close()
         with ours:
-            socket.send_fds(self.control, [MESSAGE.pack(b"S", pid)], [ours.fileno()])
+            socket.send_fds(self.control, [MESSAGE.pack(b"S", pid, 0)], [ours.fileno()])
 
     def reap(self) -> None:
-        for pid in reaped():
-            self.control.send(MESSAGE.pack(b"X", pid))
+        for pid, code in reaped():
+            self.control.send(MESSAGE.pack(b"X", pid, code))
 
     def run(self) -> int:
         poller = select.poll()
@@ -169,10 +237,10 @@ class Spawner:
 
 
 def main(argv: list[str]) -> int:
-    """``spawner.py PARENT_PID CONTROL_FD REPORTS_FD`` (started by the fork model)."""
-    parent, control_fd, reports_fd = (int(arg) for arg in argv)
+    """``spawner.py PARENT_PID CONTROL_FD SLOTS_FD`` (started by the fork model)."""
+    parent, control_fd, slots_fd = (int(arg) for arg in argv)
     # Nothing else of the parent's: above all not its listening sockets.
-    keep = sorted((control_fd, reports_fd))
+    keep = sorted((control_fd, slots_fd))
     os.closerange(3, keep[0])
     os.closerange(keep[0] + 1, keep[1])
     os.closerange(keep[1] + 1, os.sysconf("SC_OPEN_MAX"))
@@ -181,15 +249,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if not die_with(parent):
         return 0
-    import myecho.echo  # noqa: F401  (once here, not in every spare)
-
     # A collection in a spare would write to every object it scans and copy
     # the pages they sit on; spares and this loop make no garbage cycles.
     gc.disable()
     gc.freeze()
 
     try:
-        return Spawner(socket.socket(fileno=control_fd), reports_fd).run()
+        return Spawner(socket.socket(fileno=control_fd), slots_fd, parent).run()
     except (BrokenPipeError, ConnectionResetError):
         return 0  # the parent went away mid-message
 
