@@ -191,7 +191,7 @@ class Supervisor:
         stats.detail = f"{len(self.workers)} workers ({each})"
 
     def reap(self) -> None:
-        for pid in reaped():
+        for pid, _ in reaped():
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
