@@ -384,8 +384,9 @@ class ZmqServer:
         acked = bytes_acked(fd)
         peer = Peer(fd, acked is not None, base=acked or 0)
         self.peers[identity] = peer
-        if fd in self.opened:  # debug: the connection is surely open while its message is here
-            self.opened[fd] = (self.opened[fd][0], self.peer_of(fd))
+        if self.rt.log.isEnabledFor(logging.DEBUG):  # the connection is surely open while its message is here
+            opened = self.opened.get(fd, (time.monotonic(), ""))[0]  # its ACCEPTED event may still be queued
+            self.opened[fd] = (opened, self.peer_of(fd))
         return peer
 
     # -- bounding unread replies ----------------------------------------------
@@ -474,7 +475,7 @@ class ZmqServer:
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self.rt.stats.connection_opened()
                 if self.rt.log.isEnabledFor(logging.DEBUG):  # its name at its first message
-                    self.opened[event["value"]] = (time.monotonic(), "")
+                    self.opened.setdefault(event["value"], (time.monotonic(), ""))
             elif event["event"] == zmq.EVENT_DISCONNECTED:
                 self.rt.stats.open -= 1
                 self.disconnected(event["value"])
