@@ -174,6 +174,7 @@ def test_sdnotify_is_the_fallback_without_python_systemd(tmp_path: Path) -> None
 def test_second_sigint_is_still_graceful(serve: ServeFactory, model: str) -> None:
     server = serve(model, "--graceful-timeout", "30")
     sock = server.connect()
+    assert roundtrip(sock, b"accepted") == b"accepted"  # not still in the backlog, which a stop closes
     server.signal(signal.SIGINT)
     assert server.notify is not None
     server.notify.wait_for("STOPPING", "1")
