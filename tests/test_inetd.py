@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -263,3 +264,57 @@ def test_echo_statuses_when_things_break() -> None:
     os.close(write_end)
     os.close(read_end)
     assert echo(read_end, 1) == 1  # EBADF
+
+
+def test_bench_times_the_interpreter_start_beside_the_inetd_rows(tmp_path: Path) -> None:
+    """myecho-bench times python3 -I -S -c pass in the same run and states the inetd rows against it."""
+    import jsonschema
+
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [command("myecho-bench"), "--quick", "--models", "inetd-xinetd", "--scenarios", "single", "--trials", "10",
+         "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(out.read_text())
+    schema = json.loads((Path(__file__).parent.parent / "benchmarks" / "results.schema.json").read_text())
+    jsonschema.validate(document, schema, cls=jsonschema.Draft202012Validator)
+    start = document["interpreter_start"]
+    assert start["command"].endswith(" -I -S -c pass") and start["runs"] == 10
+    assert 0 < start["median_s"] <= start["p99_s"] < 5
+    exchange1 = document["models"][0]["single"]["exchange1"]["median"]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("Reference: "))
+    assert f"inetd by xinetd: exchange 1 = {exchange1 / start['median_s']:.2f}×" in line
+
+
+def test_bench_without_inetd_rows_times_no_interpreter(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [command("myecho-bench"), "--quick", "--models", "c", "--scenarios", "single", "--trials", "5",
+         "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "interpreter_start" not in json.loads(out.read_text())
+    assert "Reference: " not in done.stdout
+
+
+def _inetd_systemd_report(meta: dict[str, object]) -> str:
+    from myecho.bench.report import Report
+    from myecho.bench.scenarios import ModelResult, SingleResult
+    from myecho.bench.stats import Summary
+
+    row = ModelResult("inetd-systemd", "inetd by systemd", "inetd", "tcp", False)
+    row.single = SingleResult(10, {}, Summary.of([1e-4]), Summary.of([9e-3]), Summary.of([5e-5]))
+    return "\n".join(Report([row], meta).inetd_reference())
+
+
+def test_report_says_which_socket_unit_the_systemd_row_went_through() -> None:
+    start = {"command": "/usr/bin/python3 -I -S -c pass", "runs": 10, "median_s": 0.01, "p99_s": 0.012}
+    installed = _inetd_systemd_report({"interpreter_start": start, "inetd_socket_unit": {
+        "Accept": "yes", "MaxConnections": "256", "TriggerLimitBurst": "2000"}})
+    assert "inetd by systemd: exchange 1 = 0.90×" in installed
+    assert "myecho-inetd.socket as installed (Accept=yes, MaxConnections=256, TriggerLimitBurst=2000)" in installed
+    local = _inetd_systemd_report({"interpreter_start": start})
+    assert "systemd-socket-activate --inetd (Accept=yes, no MaxConnections or trigger limit)" in local
