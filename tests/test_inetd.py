@@ -47,6 +47,16 @@ def test_reader_gone_is_not_a_crash() -> None:
     assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
 
 
+def test_cli_main_keeps_the_inetd_path() -> None:
+    """myecho.cli's main(), for callers other than the myecho script (python3 -m myecho.cli)."""
+    import sys
+
+    payload = random_bytes(100 * 1024) + b"\x00"
+    result = subprocess.run([sys.executable, "-m", "myecho.cli", "serve", "inetd"], input=payload,
+                            capture_output=True, timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, payload, b"")
+
+
 def test_help_does_not_take_the_fast_path() -> None:
     result = subprocess.run([command("myecho"), "serve", "inetd", "--help"], capture_output=True, timeout=10)
     assert result.returncode == 0 and b"stdin" in result.stdout
