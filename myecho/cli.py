@@ -3,7 +3,9 @@
 ``myecho serve inetd`` runs once per connection under xinetd or systemd
 ``Accept=yes``, so it takes a fast path that imports nothing else: argparse
 alone costs about 12 ms of Python start-up, which is most of the budget of
-the first exchange. Everything else goes through argparse.
+the first exchange. The ``myecho`` script (bin/myecho) takes that path
+before it even imports this module; ``main()`` keeps it for other callers.
+Everything else goes through argparse.
 """
 
 from __future__ import annotations

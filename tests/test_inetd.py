@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -44,6 +45,16 @@ def test_reader_gone_is_not_a_crash() -> None:
         pass
     assert proc.wait(10) == 0
     assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
+
+
+def test_cli_main_keeps_the_inetd_path() -> None:
+    """myecho.cli's main(), for callers other than the myecho script (python3 -m myecho.cli)."""
+    import sys
+
+    payload = random_bytes(100 * 1024) + b"\x00"
+    result = subprocess.run([sys.executable, "-m", "myecho.cli", "serve", "inetd"], input=payload,
+                            capture_output=True, timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, payload, b"")
 
 
 def test_help_does_not_take_the_fast_path() -> None:
@@ -161,18 +172,159 @@ def test_lean_start_runs_the_file_without_site() -> None:
     assert result.stdout == payload, result.stderr
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["python3 -I -S inetd.py", "myecho serve inetd"])
-def test_inetd_path_imports_nothing_heavy(lean: bool) -> None:
-    """Each import is paid at every connection: argparse, socket, typing, zmq must stay out."""
-    import myecho.models.inetd
-
-    argv = ["/usr/bin/python3", "-X", "importtime", "-I", "-S", myecho.models.inetd.__file__] if lean else \
-        [command("myecho"), "serve", "inetd"]
+def _imports(argv: list[str]) -> set[str]:
+    """The modules a start of ``argv`` (stdin b"x") imports, by -X importtime (pass it where -I ignores the
+    environment)."""
     # Without coverage's start-up hook, which imports half the stdlib itself.
     env = {name: value for name, value in os.environ.items() if not name.startswith("COVERAGE_")}
     env["PYTHONPROFILEIMPORTTIME"] = "1"
     result = subprocess.run(argv, input=b"x", capture_output=True, timeout=10, env=env)
-    assert result.stdout == b"x"
+    assert result.returncode == 0, result.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.decode().splitlines() if "|" in line}
-    assert "myecho.echo" in imported
-    assert not imported & {"argparse", "socket", "typing", "zmq", "selectors", "logging"}, imported
+    assert "encodings" in imported, result.stderr  # the profile was written: the list is complete
+    return imported
+
+
+def _interpreter(script: str) -> str:
+    """The interpreter on a script's #! line."""
+    with open(script, "rb") as file:
+        return file.readline()[2:].decode().split()[0]
+
+
+def test_lean_start_imports_nothing_beyond_the_bare_interpreter() -> None:
+    """python3 -I -S inetd.py: every import is paid at every connection, so none beyond the interpreter's own."""
+    import myecho.models.inetd
+
+    bare = _imports(["/usr/bin/python3", "-X", "importtime", "-I", "-S", "-c", "pass"])
+    assert _imports(["/usr/bin/python3", "-X", "importtime", "-I", "-S", myecho.models.inetd.__file__]) - bare == set()
+
+
+def test_console_command_imports_only_the_inetd_model() -> None:
+    """myecho serve inetd: what its interpreter imports anyway, plus the inetd model and its packages."""
+    myecho = command("myecho")
+    baseline = _imports([_interpreter(myecho), "-c", "pass"])
+    extra = _imports([myecho, "serve", "inetd"]) - baseline
+    assert extra == {"myecho", "myecho.models", "myecho.models.inetd"}, extra
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["python3 -I -S inetd.py", "myecho serve inetd"])
+def test_half_close_over_a_socket(lean: bool) -> None:
+    """A socket as stdin and stdout, as xinetd and systemd hand it: odd chunks of binary data in, a
+    half-close, then every byte back, EOF, and exit status 0."""
+    import myecho.models.inetd
+
+    argv = ["/usr/bin/python3", "-I", "-S", myecho.models.inetd.__file__] if lean else \
+        [command("myecho"), "serve", "inetd"]
+    ours, theirs = socket.socketpair()
+    payload = random_bytes(2 * 1024 * 1024 + 7) + bytes(range(256))
+    with ours:
+        proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, stderr=subprocess.PIPE)
+        theirs.close()
+        assert exchange(ours, payload, odd_chunks(payload)) == payload
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+
+
+def test_echo_in_process() -> None:
+    """echo() itself, from one socket to another: every byte, and status 0 at EOF."""
+    from myecho.models.inetd import echo
+
+    payload = random_bytes(3 * 1024 * 1024)
+    client, server_in = socket.socketpair()
+    server_out, reader = socket.socketpair()
+    received = bytearray()
+
+    def send() -> None:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+
+    def receive() -> None:
+        while data := reader.recv(65536):
+            received.extend(data)
+
+    threads = [threading.Thread(target=send), threading.Thread(target=receive)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert echo(server_in.fileno(), server_out.fileno()) == 0
+        server_out.shutdown(socket.SHUT_WR)
+        for thread in threads:
+            thread.join(10)
+    finally:
+        for sock in (client, server_in, server_out, reader):
+            sock.close()
+    assert bytes(received) == payload
+
+
+def test_echo_statuses_when_things_break() -> None:
+    """The client gone without reading is status 0 (not an error); any other failure is 1."""
+    from myecho.models.inetd import echo
+
+    client, server = socket.socketpair()
+    with client, server:
+        client.sendall(b"data for nobody")
+        client.shutdown(socket.SHUT_WR)
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            assert echo(server.fileno(), write_end) == 0  # EPIPE
+        finally:
+            os.close(write_end)
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    os.close(read_end)
+    assert echo(read_end, 1) == 1  # EBADF
+
+
+def test_bench_times_the_interpreter_start_beside_the_inetd_rows(tmp_path: Path) -> None:
+    """myecho-bench times python3 -I -S -c pass in the same run and states the inetd rows against it."""
+    import jsonschema
+
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [command("myecho-bench"), "--quick", "--models", "inetd-xinetd", "--scenarios", "single", "--trials", "10",
+         "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    document = json.loads(out.read_text())
+    schema = json.loads((Path(__file__).parent.parent / "benchmarks" / "results.schema.json").read_text())
+    jsonschema.validate(document, schema, cls=jsonschema.Draft202012Validator)
+    start = document["interpreter_start"]
+    assert start["command"].endswith(" -I -S -c pass") and start["runs"] == 10
+    assert 0 < start["median_s"] <= start["p99_s"] < 5
+    exchange1 = document["models"][0]["single"]["exchange1"]["median"]
+    line = next(line for line in done.stdout.splitlines() if line.startswith("Reference: "))
+    assert f"inetd by xinetd: exchange 1 = {exchange1 / start['median_s']:.2f}×" in line
+
+
+def test_bench_without_inetd_rows_times_no_interpreter(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [command("myecho-bench"), "--quick", "--models", "c", "--scenarios", "single", "--trials", "5",
+         "--json", str(out), "--no-progress"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "interpreter_start" not in json.loads(out.read_text())
+    assert "Reference: " not in done.stdout
+
+
+def _inetd_systemd_report(meta: dict[str, object]) -> str:
+    from myecho.bench.report import Report
+    from myecho.bench.scenarios import ModelResult, SingleResult
+    from myecho.bench.stats import Summary
+
+    row = ModelResult("inetd-systemd", "inetd by systemd", "inetd", "tcp", False)
+    row.single = SingleResult(10, {}, Summary.of([1e-4]), Summary.of([9e-3]), Summary.of([5e-5]))
+    return "\n".join(Report([row], meta).inetd_reference())
+
+
+def test_report_says_which_socket_unit_the_systemd_row_went_through() -> None:
+    start = {"command": "/usr/bin/python3 -I -S -c pass", "runs": 10, "median_s": 0.01, "p99_s": 0.012}
+    installed = _inetd_systemd_report({"interpreter_start": start, "inetd_socket_unit": {
+        "Accept": "yes", "MaxConnections": "256", "TriggerLimitBurst": "2000"}})
+    assert "inetd by systemd: exchange 1 = 0.90×" in installed
+    assert "myecho-inetd.socket as installed (Accept=yes, MaxConnections=256, TriggerLimitBurst=2000)" in installed
+    local = _inetd_systemd_report({"interpreter_start": start})
+    assert "systemd-socket-activate --inetd (Accept=yes, no MaxConnections or trigger limit)" in local

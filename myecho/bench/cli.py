@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from myecho import __version__
-from myecho.bench import loadgen, procs
+from myecho.bench import loadgen, procs, startup
 from myecho.bench.report import Report
 from myecho.bench.scenarios import ModelResult, Runner, Settings
-from myecho.bench.servers import BY_NAME, INSTALLED_PORTS, MODELS, unavailable
+from myecho.bench.servers import BY_NAME, INSTALLED_PORTS, MODELS, inetd_command, unavailable
 
 COLUMNS = """\
 columns (every duration is measured by the client, on this machine's loopback):
@@ -283,6 +283,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = datetime.datetime.now(datetime.UTC)
     runner = Runner(settings, progress)
     results: list[ModelResult] = []
+    # The inetd rows' floor, timed in this run: half before the models, half after.
+    python = (startup.installed_interpreter() if targets else None) or inetd_command()[0]
+    starts: list[float] = []
+    if any(model.name.startswith("inetd") for model in chosen):
+        progress.prefix = ""
+        progress(f"reference: {' '.join(startup.reference_argv(python))}, {settings.trials // 2} starts")
+        starts += startup.time_starts(python, settings.trials // 2)
     for index, model in enumerate(chosen, 1):
         progress.prefix = f"[{index}/{len(chosen)}] "
         why = listening(*targets[model.name]) if model.name in targets else unavailable(model)
@@ -292,6 +299,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             continue
         results.append(runner.measure(model, targets.get(model.name), only))
+    if starts:
+        progress.prefix = ""
+        progress(f"reference: {' '.join(startup.reference_argv(python))}, {settings.trials - len(starts)} starts")
+        starts += startup.time_starts(python, settings.trials - len(starts))
     pipeline = [] if targets or (only is not None and "pipeline" not in only) else run_pipeline(settings, progress)
     progress.done()
     meta: dict[str, Any] = {
@@ -324,6 +335,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if pipeline:
         meta["pipeline"] = pipeline
+    if starts:
+        meta["interpreter_start"] = startup.interpreter_start(python, starts)
+    if options.installed and "inetd-systemd" in {model.name for model in chosen}:
+        unit = startup.socket_unit_settings()
+        if unit is not None:
+            meta["inetd_socket_unit"] = unit
     report = Report(results, meta, with_talk=options.talk, with_ratios=options.ratios)
     sys.stdout.write(report.text())
     if pipeline:

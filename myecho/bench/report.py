@@ -126,6 +126,33 @@ class Report:
             rows.append(row)
         return render(headers, rows, markdown)
 
+    def inetd_reference(self, markdown: bool = False) -> list[str]:
+        """The inetd rows' exchange 1 against the bare interpreter's start in the same run, and, with
+        ``--installed``, the socket unit's settings they went through."""
+        lines = []
+        start = self.meta.get("interpreter_start")
+        if start is not None:
+            code = "`" if markdown else ""
+            line = (
+                f"Reference: {code}{start['command']}{code} starts in {fmt_time(start['median_s'])} "
+                f"(p99 {fmt_time(start['p99_s'])}, {start['runs']} starts in this run)"
+            )
+            for result in self.rows_of():
+                exchange1 = result.single.exchange1 if result.single else None
+                if result.name.startswith("inetd") and exchange1 is not None:
+                    line += f"; {result.label}: exchange 1 = {exchange1.median / start['median_s']:.2f}×"
+            lines.append(line)
+        unit = self.meta.get("inetd_socket_unit")
+        if unit is not None:
+            settings = ", ".join(f"{name}={value}" for name, value in unit.items())
+            lines.append(f"inetd by systemd: through myecho-inetd.socket as installed ({settings})")
+        elif any(r.name == "inetd-systemd" for r in self.rows_of()):
+            lines.append(
+                "inetd by systemd: systemd-socket-activate --inetd (Accept=yes, no MaxConnections or trigger "
+                "limit); --installed measures myecho-inetd.socket with its own settings"
+            )
+        return ["", *lines] if lines else []
+
     # ---- table 2: multiple connections ------------------------------------
     def multi_cell(self, multi: MultiResult | None, field: str) -> str:
         if multi is None:
@@ -245,6 +272,7 @@ class Report:
         parts = [
             f"{title}Single connection (median, p99 beside)",
             self.single_table(markdown),
+            *self.inetd_reference(markdown),
             "",
             f"{title}Multiple connections (opened at once; median of runs)",
             self.multi_table(markdown),

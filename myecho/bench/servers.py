@@ -80,7 +80,8 @@ MODELS = (
         "inetd-systemd",
         "inetd by systemd",
         "tcp",
-        "the inetd model behind systemd-socket-activate --inetd -a (Accept=yes)",
+        "the inetd model behind systemd-socket-activate --inetd -a (Accept=yes); --installed: "
+        "myecho-inetd.socket and its sandboxed unit per connection, as shipped",
     ),
     Model("fork", "fork", "tcp", "myecho serve fork: one child per connection, forked ahead by the spawner"),
     Model(

@@ -1,0 +1,80 @@
+"""The inetd model as the package installs it, in a booted Debian 12: the
+``myecho`` command's lean path, and myecho-bench measuring both shipped
+ways to run it (xinetd's file, myecho-inetd.socket with its own settings)
+against the bare interpreter's start in the same run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .container import Container
+from .packaging import REPO, build_deb
+
+
+@pytest.fixture(scope="module")
+def installed(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    """A booted container with the package ($MYECHO_DEB, else built now) and xinetd installed."""
+    given = os.environ.get("MYECHO_DEB")
+    deb = Path(given).resolve() if given else build_deb(tmp_path_factory.mktemp("deb"))
+    with Container(rootfs) as booted:
+        booted.apt_install_deb(deb)
+        booted.apt_get("install", "--no-install-recommends", "xinetd")
+        yield booted
+
+
+def _imports(box: Container, *argv: str) -> set[str]:
+    result = box.run(["/usr/bin/python3", "-X", "importtime", *argv], input="x")
+    assert result.stdout == ("x" if "serve" in argv else ""), result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "encodings" in imported, result.stderr
+    return imported
+
+
+def test_installed_command_takes_the_lean_path(installed: Container) -> None:
+    """/usr/bin/myecho serve inetd imports what python3 imports anyway, and the inetd model."""
+    assert installed.run(["myecho", "serve", "inetd"], input="bytes\x00back").stdout == "bytes\x00back"
+    extra = _imports(installed, "/usr/bin/myecho", "serve", "inetd") - _imports(installed, "-c", "pass")
+    assert extra == {"myecho", "myecho.models", "myecho.models.inetd"}, extra
+
+
+def test_bench_measures_both_shipped_inetd_ways_against_the_interpreter(installed: Container) -> None:
+    """myecho-bench --installed: xinetd with the shipped file (enabled), myecho-inetd.socket as shipped,
+    and python3 -I -S -c pass timed in the same run; the socket unit's settings are recorded."""
+    box = installed
+    box.run(r"sed -i 's/^\(\s*disable\s*=\s*\)yes/\1no/' /etc/xinetd.d/myecho")
+    box.systemctl("restart", "xinetd")
+    box.systemctl("start", "myecho-inetd.socket")
+    deadline = time.monotonic() + 15
+    while ":11138 " not in box.run(["ss", "-Htln"]).stdout:
+        assert time.monotonic() < deadline, "xinetd does not listen on 11138"
+        time.sleep(0.2)
+    result = box.run(
+        ["myecho-bench", "--installed", "--models", "inetd-xinetd,inetd-systemd", "--scenarios", "single",
+         "--trials", "200", "--json", "/root/inetd.json", "--no-progress"],
+        timeout=300,
+    )
+    print(result.stdout)
+    document = json.loads(box.run(["cat", "/root/inetd.json"]).stdout)
+    assert document["mode"] == "installed"
+    start = document["interpreter_start"]
+    assert start["command"] == "/usr/bin/python3 -I -S -c pass" and start["runs"] == 200
+    shipped = (REPO / "systemd" / "myecho-inetd.socket").read_text()
+    unit = document["inetd_socket_unit"]
+    assert unit["Accept"] == "yes"
+    for name in ("MaxConnections", "TriggerLimitBurst"):
+        found = re.search(rf"^{name}=(\d+)", shipped, re.MULTILINE)
+        if found:
+            assert unit[name] == found.group(1), (name, unit)
+    rows = {model["name"]: model for model in document["models"]}
+    for name in ("inetd-xinetd", "inetd-systemd"):
+        assert not rows[name]["skipped"] and not rows[name]["failures"], rows[name]
+        assert rows[name]["single"]["errors"] == {}, rows[name]["single"]
+    said = next(line for line in result.stdout.splitlines() if "myecho-inetd.socket as installed (" in line)
+    assert "Accept=yes" in said and f"MaxConnections={unit['MaxConnections']}" in said
