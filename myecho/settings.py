@@ -51,6 +51,13 @@ class Settings:
     worker_connect: str = ""
     heartbeat: float = 1.0
     liveness: int = 3
+    # The broker's deadlines and byte limits, and a worker's window (MEW2).
+    request_timeout: float = 15.0
+    hold_timeout: float = 5.0
+    max_message: int = 64 * 1024 * 1024
+    client_bytes: int = 256 * 1024 * 1024
+    broker_bytes: int = 1024 * 1024 * 1024
+    window: int = 16
     # Names given on the command line: a reload from the file must not undo them.
     explicit: frozenset[str] = frozenset()
 
@@ -66,6 +73,16 @@ class Settings:
             raise SettingsError("heartbeat must be between 0.01 and 3600 seconds")
         if self.liveness < 1:
             raise SettingsError("liveness must be at least 1")
+        for name in ("request_timeout", "hold_timeout"):
+            if not 0.01 <= getattr(self, name) <= 86400:  # also refuses nan and inf
+                raise SettingsError(f"{name.replace('_', '-')} must be between 0.01 and 86400 seconds")
+        for name in ("max_message", "client_bytes", "broker_bytes"):
+            if not 1 <= getattr(self, name) <= 1 << 40:
+                raise SettingsError(f"{name.replace('_', '-')} must be between 1 and 2^40 bytes")
+        if not self.max_message <= self.client_bytes <= self.broker_bytes:
+            raise SettingsError("the byte limits must be max-message <= client-bytes <= broker-bytes")
+        if not 1 <= self.window <= 1024:
+            raise SettingsError("window must be between 1 and 1024")
         from myecho.patterns.endpoints import EndpointError, split
 
         for spec in [*self.broker_frontend, *self.broker_backend, *filter(None, [self.worker_connect])]:
