@@ -271,13 +271,22 @@ class Broker:
             self.waiting.append(request)
 
     def refuse(self, client: bytes, frames: Frames, reason: bytes, why: str) -> None:
-        """The error reply to a request not taken, in order behind the client's earlier ones."""
+        """The error reply to a request not taken, in order behind the client's earlier ones.
+
+        Waiting error replies count against the limits too: a client that
+        goes on sending while one of its requests is held loses the errors
+        that do not fit (dropped, counted), never the broker's memory."""
         self.warn(reason.decode(), "request refused (%s): %s", reason.decode(), why)
         self.rt.stats.dropped += 1
-        request = Request(b"", client, [], 0, 0.0)
+        held = self.held_by_client.get(client, 0) + OVERHEAD
+        queue = self.pending.get(client)
+        if queue is not None and (held > self.client_bytes or self.held_total + OVERHEAD > self.broker_bytes):
+            return
+        request = Request(b"", client, [], OVERHEAD, 0.0)
         request.done = True
         request.reply = [zmq.Frame(frame) for frame in mew.error_reply([f.bytes for f in frames], reason, why)]
-        queue = self.pending.get(client)
+        self.held_by_client[client] = held
+        self.held_total += OVERHEAD
         if queue is None:
             self.pending[client] = queue = deque()
         queue.append(request)
