@@ -34,6 +34,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -53,7 +55,8 @@ PROBES = (0.005, 0.02, 0.1)  # seconds after a disconnection
 TICK = 0.05  # how often deadlines are looked at while requests are held
 OVERHEAD = 256  # bytes counted per request besides its frames: the bookkeeping
 LOG_EVERY = 10.0
-NOBLOCK, SNDMORE = zmq.NOBLOCK, zmq.SNDMORE
+NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # plain ints: an IntFlag's | costs a microsecond
+NOBLOCK_SNDMORE = NOBLOCK | SNDMORE
 HEADER_SIZE = len(mew.REPLY) + mew.ID_SIZE
 
 
@@ -81,6 +84,17 @@ class Worker:
         self.heard = now
         self.held: dict[bytes, tuple[Request, float]] = {}  # by request ID, in the order sent: (request, sent at)
         self.leaving = False
+
+
+def raw_send(sock: zmq.Socket[bytes]) -> Callable[..., Any]:
+    """The socket's send without pyzmq's Python wrapper (Cython's own, a third cheaper
+    per frame); the wrapper itself if this pyzmq is laid out otherwise."""
+    base = getattr(zmq.backend, "Socket", None)
+    method = getattr(base, "send", None)
+    if base is not None and method is not None and isinstance(sock, base) and hasattr(method, "__get__"):
+        bound: Callable[..., Any] = method.__get__(sock)
+        return bound
+    return sock.send
 
 
 def name(worker_id: bytes) -> str:
@@ -125,6 +139,7 @@ class Broker:
         self.backend.setsockopt(zmq.MAXMSGSIZE, self.max_message + mew.ENVELOPE)
         self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.back_monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.send_frontend, self.send_backend = raw_send(self.frontend), raw_send(self.backend)
         self.workers: dict[bytes, Worker] = {}
         # Workers with credit left, by how many requests they hold; least recently used first.
         self.levels: list[OrderedDict[bytes, Worker]] = [OrderedDict()]
@@ -133,6 +148,7 @@ class Broker:
         self.pending: dict[bytes, deque[Request]] = {}  # per client, in arrival order, until forwarded
         self.unanswered: dict[bytes, Request] = {}
         self.held_by_client: dict[bytes, int] = {}
+        self.ids, self.ids_at = b"", 0  # unused random bytes for request IDs
         self.held_total = 0
         self.counts: Counter[str] = Counter()
         self.last_log: dict[str, float] = {}
@@ -199,7 +215,7 @@ class Broker:
     # -- requests -------------------------------------------------------------
     def dispatch(self, now: float) -> None:
         """Send waiting requests to the least loaded workers while any has credit."""
-        waiting, levels, send = self.waiting, self.levels, self.backend.send
+        waiting, levels, send = self.waiting, self.levels, self.send_backend
         while waiting:
             request = waiting[0]
             if request.done:
@@ -214,7 +230,7 @@ class Broker:
             frames = request.frames
             assert frames is not None
             try:
-                send(worker_id, NOBLOCK | SNDMORE)
+                send(worker_id, NOBLOCK_SNDMORE)
             except zmq.ZMQError as error:  # gone (EHOSTUNREACH) or closing (EAGAIN)
                 self.lost(worker_id, error)
                 continue
@@ -232,14 +248,16 @@ class Broker:
         """Read up to BATCH client messages (the whole of each, even one over the limit)."""
         recv = self.frontend.recv
         deadline = now + self.request_timeout
-        limit = self.max_message
+        limit, client_bytes = self.max_message, self.client_bytes
+        held_by_client, pending, unanswered, waiting = self.held_by_client, self.pending, self.unanswered, self.waiting
+        ids, at = self.ids, self.ids_at
         for _ in range(BATCH):
             try:
                 client = recv(NOBLOCK)
             except zmq.Again:
-                return
+                break
             frames: Frames = []
-            size = 0
+            size = OVERHEAD
             more = True
             while more:
                 frame = recv(0, copy=False)
@@ -247,28 +265,32 @@ class Broker:
                 size += len(frame)
                 if size <= limit or not frames:
                     frames.append(frame)  # past the limit: freed at once, only the envelope kept
-            if size > limit:
+            if size - OVERHEAD > limit:
                 self.refuse(client, frames, b"too-big", f"the message is over {limit} bytes (all frames)")
                 continue
-            size += OVERHEAD
-            client_held = self.held_by_client.get(client, 0) + size
-            if client_held > self.client_bytes:
+            client_held = held_by_client.get(client, 0) + size
+            if client_held > client_bytes:
                 self.refuse(
-                    client, frames, b"busy", f"this client's requests and replies are over {self.client_bytes} bytes"
+                    client, frames, b"busy", f"this client's requests and replies are over {client_bytes} bytes"
                 )
                 continue
             if self.held_total + size > self.broker_bytes:
                 self.refuse(client, frames, b"busy", f"the broker holds {self.broker_bytes} bytes")
                 continue
-            self.held_by_client[client] = client_held
+            held_by_client[client] = client_held
             self.held_total += size
-            request = Request(os.urandom(mew.ID_SIZE), client, frames, size, deadline)
-            queue = self.pending.get(client)
+            if at >= len(ids):  # random IDs drawn 256 at a time: one system call, not one per request
+                ids, at = os.urandom(mew.ID_SIZE * 256), 0
+            request_id = ids[at : at + mew.ID_SIZE]
+            at += mew.ID_SIZE
+            request = Request(request_id, client, frames, size, deadline)
+            queue = pending.get(client)
             if queue is None:
-                self.pending[client] = queue = deque()
+                pending[client] = queue = deque()
             queue.append(request)
-            self.unanswered[request.id] = request
-            self.waiting.append(request)
+            unanswered[request_id] = request
+            waiting.append(request)
+        self.ids, self.ids_at = ids, at
 
     def refuse(self, client: bytes, frames: Frames, reason: bytes, why: str) -> None:
         """The error reply to a request not taken, in order behind the client's earlier ones.
@@ -317,7 +339,7 @@ class Broker:
 
     def flush(self, client: bytes, queue: deque[Request]) -> None:
         """Send a client its replies in the order of its requests, freeing each."""
-        send = self.frontend.send
+        send = self.send_frontend
         while queue and (reply := queue[0].reply) is not None:
             request = queue.popleft()
             request.reply = None
@@ -325,7 +347,7 @@ class Broker:
                 self.held_total -= request.size
                 self.held_by_client[client] -= request.size
             try:
-                send(client, NOBLOCK | SNDMORE)
+                send(client, NOBLOCK_SNDMORE)
             except zmq.Again:
                 self.warn(
                     "unread", "reply dropped: a client that does not read; its replies reached the high-water mark"
@@ -364,12 +386,9 @@ class Broker:
                 size += len(frame)
                 frames.append(frame)
             worker = workers.get(worker_id)
-            if header[:9] == mew.REPLY:
+            if header[:9] == mew.REPLY:  # from a worker out of the pool too: the holder is what counts
                 if worker is not None:
                     worker.heard = now
-                elif worker_id not in self.gone:
-                    self.counts["late"] += 1  # a stranger (a previous broker's worker?): nothing of ours
-                    continue
                 self.on_reply(worker, worker_id, header[9:], frames, size)
             elif worker is not None:
                 worker.heard = now

@@ -27,6 +27,7 @@ import time
 
 import zmq
 
+from myecho.models.broker import NOBLOCK_SNDMORE, SNDMORE, raw_send
 from myecho.models.zmq import BATCH, DRAIN_IDLE, MAX_MESSAGE
 from myecho.patterns import heartbeat as mew
 from myecho.patterns.endpoints import BIND, CONNECT, attach, split
@@ -104,7 +105,7 @@ class EchoWorker:
     def work(self) -> bool:
         """Echo what the broker sent, each frame sent on as it is read; True if it said anything."""
         assert self.sock is not None
-        recv, send = self.sock.recv, self.sock.send
+        recv, send = self.sock.recv, raw_send(self.sock)
         stats = self.stats
         count = 0
         while count < BATCH:
@@ -120,7 +121,7 @@ class EchoWorker:
                     more = recv(0, copy=False).more
                 continue
             try:
-                send(mew.REPLY + header[9:], zmq.NOBLOCK | zmq.SNDMORE)
+                send(mew.REPLY + header[9:], NOBLOCK_SNDMORE)
             except zmq.Again:  # the broker does not read: it retries what we drop
                 while more:
                     more = recv(0, copy=False).more
@@ -130,7 +131,7 @@ class EchoWorker:
                 frame = recv(0, copy=False)
                 more = frame.more
                 stats.bytes += len(frame)
-                send(frame, zmq.SNDMORE if more else 0, copy=False)
+                send(frame, SNDMORE if more else 0, copy=False)
         if count:
             self.heard = time.monotonic()
         return count > 0
@@ -177,7 +178,7 @@ class EchoWorker:
             if now >= next_beat:
                 self.say(mew.HEARTBEAT + b" " + self.hello)
                 next_beat = now + self.timing.interval
-            self.stats.detail = f"broker last heard {time.monotonic() - self.heard:.1f} s ago"
+                self.stats.detail = f"broker last heard {now - self.heard:.1f} s ago"
             if self.rt is not None:
                 self.rt.tick()
         self.leave()
