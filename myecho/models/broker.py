@@ -192,7 +192,7 @@ class Broker:
         worker.held.clear()
         for request in reversed(held):
             self.retry(request)
-        note = f"; {len(held)} request{'' if len(held) == 1 else 's'} it held go to other workers" if held else ""
+        note = f"; the {len(held)} request{'' if len(held) == 1 else 's'} it held: to other workers" if held else ""
         self.rt.log.info("worker %s left: %s (%d in the pool)%s", name(worker_id), why, len(self.workers), note)
 
     def retry(self, request: Request) -> None:
