@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=int,
         metavar="N",
-        help="requests the broker may send this worker before it answers the first (default: 16)",
+        help="requests the broker may send this worker before it answers the first (default: 32)",
     )
 
     from myecho.patterns.cli import add_pattern_commands

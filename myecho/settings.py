@@ -57,7 +57,7 @@ class Settings:
     max_message: int = 64 * 1024 * 1024
     client_bytes: int = 256 * 1024 * 1024
     broker_bytes: int = 1024 * 1024 * 1024
-    window: int = 16
+    window: int = 32
     # Names given on the command line: a reload from the file must not undo them.
     explicit: frozenset[str] = frozenset()
 

@@ -7,7 +7,7 @@ to one client in the order of its requests); the backend speaks MEW2 to
 specifies the frames, the credit-based flow and the error reply).
 
 Throughput comes from the window: each worker holds up to its window of
-requests at once (16 by default), so neither side waits for the other; the
+requests at once (32 by default), so neither side waits for the other; the
 broker reads both sockets in batches per wake-up with pyzmq's low-level
 calls, and forwards a client's frames to the worker without copying them.
 

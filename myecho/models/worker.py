@@ -50,7 +50,7 @@ class EchoWorker:
         context: Context | None = None,
         runtime: Runtime | None = None,
         stop: threading.Event | None = None,
-        window: int = 16,
+        window: int = 32,
         max_message: int = MAX_MESSAGE,
     ) -> None:
         self.action, self.url = split(endpoint, CONNECT)
