@@ -242,3 +242,15 @@ def test_the_window_and_least_loaded_first(pool: Callable[..., Pool], context: C
     first.answer(one[0])
     seventh = first.request()
     assert seventh is not None and seventh[1:] == [b"", b"6"]
+
+
+def test_a_stopping_broker_tells_the_clients_it_could_not_serve(
+    pool: Callable[..., Pool], context: Context
+) -> None:
+    p = pool(0, extra=("--graceful-timeout", "0.5"))
+    client = req(context, p.url)
+    client.send(b"too late")
+    time.sleep(0.3)  # read by the broker, no worker to take it
+    assert p.broker.stop() == 0
+    assert client.poll(5000)
+    assert error_of(client.recv_multipart()) == b"stopping"

@@ -43,7 +43,7 @@ from zmq.utils.monitor import recv_monitor_message
 from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER
 from myecho.models.zmq import bind as bind_listeners
 from myecho.patterns import heartbeat as mew
-from myecho.patterns.endpoints import BIND, attach, detach
+from myecho.patterns.endpoints import BIND, attach
 from myecho.runtime import Runtime
 from myecho.settings import BROKER_BACKEND_PORT
 from myecho.sockets import format_address
@@ -55,6 +55,7 @@ PROBES = (0.005, 0.02, 0.1)  # seconds after a disconnection
 TICK = 0.05  # how often deadlines are looked at while requests are held
 OVERHEAD = 256  # bytes counted per request besides its frames: the bookkeeping
 LOG_EVERY = 10.0
+LAST_WORDS = 0.2  # seconds the frontend lingers at least when the broker closes
 NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # plain ints: an IntFlag's | costs a microsecond
 NOBLOCK_SNDMORE = NOBLOCK | SNDMORE
 HEADER_SIZE = len(mew.REPLY) + mew.ID_SIZE
@@ -155,6 +156,7 @@ class Broker:
         self.next_heartbeat = 0.0
         self.next_tick = 0.0
         self.probes: list[float] = []  # when to heartbeat again after a disconnection
+        self.closing = False
 
     # -- logging and counting -------------------------------------------------
     def warn(self, kind: str, message: str, *args: object) -> None:
@@ -267,6 +269,9 @@ class Broker:
                     frames.append(frame)  # past the limit: freed at once, only the envelope kept
             if size - OVERHEAD > limit:
                 self.refuse(client, frames, b"too-big", f"the message is over {limit} bytes (all frames)")
+                continue
+            if self.closing:
+                self.refuse(client, frames, b"stopping", "the broker is stopping")
                 continue
             client_held = held_by_client.get(client, 0) + size
             if client_held > client_bytes:
@@ -576,8 +581,9 @@ class Broker:
                 self.on_monitors()
             if rt.signals.fileno() in events:
                 rt.on_signals()
-                if rt.stopping:
-                    detach(frontend, front_where)  # no new clients; answer what is in flight
+                # Stopping: the clients keep their connections (an unbind would close them, and the
+                # replies in flight with them); new requests get the error reply, the others their answers.
+                self.closing = rt.stopping
             if self.probes and now >= self.probes[0]:
                 self.probes.pop(0)
                 self.heartbeat()
@@ -600,7 +606,15 @@ class Broker:
                     quiet_since = now
                 if rt.grace_expired() or (quiet_since is not None and now - quiet_since >= DRAIN_IDLE):
                     break
+        self.give_up_all()
         self.close()
+
+    def give_up_all(self) -> None:
+        """Stopping with requests unanswered (the grace period is over): their clients hear why."""
+        for queue in list(self.pending.values()):
+            for request in list(queue):
+                if not request.done:
+                    self.fail(request, b"stopping", "the broker is stopping")
 
     def close(self) -> None:
         linger = max(0.0, self.rt.stop_deadline - time.monotonic())
@@ -609,7 +623,8 @@ class Broker:
         self.front_monitor.close(linger=0)
         self.back_monitor.close(linger=0)
         self.backend.close(linger=0)
-        self.frontend.close(linger=int(min(linger, 1.0) * 1000))
+        # At least a moment for the last replies (the error replies of give_up_all), at most a second.
+        self.frontend.close(linger=int(min(max(linger, LAST_WORDS), 1.0) * 1000))
 
 
 def serve(runtime: Runtime) -> None:

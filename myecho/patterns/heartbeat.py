@@ -50,8 +50,9 @@ REQ client, the empty delimiter) followed by three frames::
 
     "MYECHO-ERROR", REASON, TEXT
 
-REASON is one ASCII word (``timeout``, ``tries``, ``too-big``, ``busy``),
-TEXT one line for humans. An echo is the request itself; a request whose
+REASON is one ASCII word (``timeout``, ``tries``, ``too-big``, ``busy``,
+``stopping``: the broker stopped before an answer came), TEXT one line for
+humans. An echo is the request itself; a request whose
 body is exactly such three frames gets a fourth, empty, frame in its error
 reply, so an error never equals its request.
 """
