@@ -360,3 +360,19 @@ def test_a_worker_started_before_its_broker(pool: Callable[..., Pool], context: 
         assert worker.stop() == 0
     finally:
         worker.kill()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["worker", "--window", "0"], "window must be between 1 and 1024"),
+        (["broker", "--request-timeout", "nan"], "request-timeout must be between 0.01 and 86400 seconds"),
+        (["broker", "--hold-timeout", "inf"], "hold-timeout must be between 0.01 and 86400 seconds"),
+        (["broker", "--max-message", "2000", "--client-bytes", "1000"], "max-message <= client-bytes"),
+    ],
+)
+def test_the_new_settings_are_checked(argv: list[str], message: str) -> None:
+    """A bad deadline, window or byte limit: one line, a non-zero exit, no traceback."""
+    result = subprocess.run([command("myecho"), "serve", *argv], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
