@@ -431,13 +431,14 @@ class Broker:
             self.warn("too-big", "worker %s sent a reply over %d bytes", name(worker_id), self.max_message)
             self.leave(worker_id, "it sent a reply over the message limit", refuse=True)
             return
-        if worker is not None and request_id in worker.held:
-            del worker.held[request_id]
+        if worker is not None and worker.held.pop(request_id, None) is not None:
             count = len(worker.held)
-            if count + 1 < len(self.levels):
-                self.levels[count + 1].pop(worker_id, None)
-            self.credit(worker, count)
-            if worker.leaving and not count:
+            levels = self.levels
+            if count + 1 < len(levels):
+                levels[count + 1].pop(worker_id, None)
+            if count < worker.window and not worker.leaving:
+                levels[count][worker_id] = worker  # it was filed one level up, or full: that level exists
+            elif worker.leaving and not count:
                 self.leave(worker_id, "it said goodbye")
         elif request in self.waiting:  # a worker given up on answered first: take its answer
             self.waiting.remove(request)
@@ -447,7 +448,17 @@ class Broker:
         stats = self.rt.stats
         stats.messages += 1
         stats.bytes += size
-        self.settle(request, frames, size + OVERHEAD)
+        client = request.client
+        queue = self.pending[client]
+        if len(queue) == 1:  # the usual case (a REQ client): straight out, nothing kept
+            change = -request.size
+            self.held_total += change
+            self.held_by_client[client] += change
+            request.size = 0
+            request.reply = frames
+            self.flush(client, queue)
+        else:
+            self.settle(request, frames, size + OVERHEAD)
 
     def goodbye(self, worker: Worker) -> None:
         """BYE: send it nothing more; what it holds it answers (or loses by the hold timeout)."""
