@@ -201,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="heartbeats missed before a peer counts as dead (default: 3)",
     )
+    beats.add_argument(
+        "--max-message",
+        type=int,
+        metavar="BYTES",
+        help="the largest message, all its frames together (default: 67108864, 64 MiB); the broker answers "
+        "a larger one with an error reply; a single larger frame closes its connection",
+    )
     broker = models.add_parser(
         "broker",
         parents=[tcp, beats, common],
@@ -242,6 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
         const=1,
         help="allow a backend reachable from other hosts without CURVE (MYECHO_INSECURE=1): any peer is a worker",
     )
+    broker.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a request not answered this long after the broker read it gets the error reply (default: 15)",
+    )
+    broker.add_argument(
+        "--hold-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a worker that holds a request longer loses it to another worker and leaves the pool (default: 5)",
+    )
+    broker.add_argument(
+        "--client-bytes",
+        type=int,
+        metavar="BYTES",
+        help="what the broker holds for one client, requests and replies, before it refuses the client's "
+        "next requests with an error reply (default: 268435456, 256 MiB)",
+    )
+    broker.add_argument(
+        "--broker-bytes",
+        type=int,
+        metavar="BYTES",
+        help="what the broker holds in all before it refuses requests with an error reply (default: 1073741824, 1 GiB)",
+    )
     worker = models.add_parser(
         "worker",
         parents=[beats, common],
@@ -254,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help=f"the broker's backend (default: MYECHO_WORKER_CONNECT, else tcp://127.0.0.1:{BROKER_BACKEND_PORT}); "
         "@URL binds instead and lets the broker connect",
+    )
+    worker.add_argument(
+        "--window",
+        type=int,
+        metavar="N",
+        help="requests the broker may send this worker before it answers the first (default: 32)",
     )
     worker.add_argument(
         "--curve-secret",

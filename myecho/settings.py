@@ -79,6 +79,13 @@ class Settings:
     curve_allow: Path | None = None
     curve_server: Path | None = None
     insecure: int = 0
+    # The broker's deadlines and byte limits, and a worker's window (MEW2).
+    request_timeout: float = 15.0
+    hold_timeout: float = 5.0
+    max_message: int = 64 * 1024 * 1024
+    client_bytes: int = 256 * 1024 * 1024
+    broker_bytes: int = 1024 * 1024 * 1024
+    window: int = 32
     # Names given on the command line: a reload from the file must not undo them.
     explicit: frozenset[str] = frozenset()
     # What the file said when it was last read (field name -> value): a
@@ -99,6 +106,8 @@ class Settings:
         """Every field against the table, then what involves several fields."""
         for item in dataclasses.fields(self):
             check_value(item.name, getattr(self, item.name))
+        if not self.max_message <= self.client_bytes <= self.broker_bytes:
+            raise SettingsError("the byte limits must be max-message <= client-bytes <= broker-bytes")
         from myecho.patterns.endpoints import EndpointError, split
 
         for spec in [*self.broker_frontend, *self.broker_backend, *filter(None, [self.worker_connect])]:
@@ -144,6 +153,12 @@ LIMITS: dict[str, tuple[float, float]] = {
     "idle_timeout": (0, 86400),
     "workers": (0, 1024),
     "insecure": (0, 1),
+    "request_timeout": (0.01, 86400),
+    "hold_timeout": (0.01, 86400),
+    "max_message": (1, 1 << 40),
+    "client_bytes": (1, 1 << 40),
+    "broker_bytes": (1, 1 << 40),
+    "window": (1, 1024),
 }
 DEFAULT_LIMITS = (0.0, float(2**53))  # not negative, exact as a float; list a real range in LIMITS
 CHOICES: dict[str, tuple[str, ...]] = {"log_level": ("debug", "info", "warning", "error"), "loop": LOOPS}

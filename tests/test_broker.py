@@ -36,9 +36,10 @@ def following(server: Server) -> Server:
 class Pool:
     """A broker on two free ports, and the workers started for it."""
 
-    def __init__(self, started: list[Server], beats: list[str], backend: str = "") -> None:
+    def __init__(self, started: list[Server], beats: list[str], backend: str = "", extra: tuple[str, ...] = ()) -> None:
         self.started = started
         self.beats = beats
+        self.extra = extra
         self.front = free_port()
         self.url = f"tcp://127.0.0.1:{self.front}"
         self.backend = backend or f"tcp://127.0.0.1:{free_port()}"
@@ -46,7 +47,7 @@ class Pool:
 
     def start_broker(self, *extra: str) -> Server:
         argv = [command("myecho"), "serve", "broker", "--port", str(self.front), "--backend", self.backend]
-        server = following(Server([*argv, *self.beats, *extra], self.front))
+        server = following(Server([*argv, *self.beats, *self.extra, *extra], self.front))
         self.started.append(server)
         return server.wait_ready()
 
@@ -64,8 +65,8 @@ class Pool:
 def pool() -> Iterator[Callable[..., Pool]]:
     started: list[Server] = []
 
-    def make(workers: int = 2, beats: list[str] = FAST, backend: str = "") -> Pool:
-        made = Pool(started, beats, backend)
+    def make(workers: int = 2, beats: list[str] = FAST, backend: str = "", extra: tuple[str, ...] = ()) -> Pool:
+        made = Pool(started, beats, backend, extra)
         for _ in range(workers):
             made.worker()
         if workers:
@@ -361,51 +362,17 @@ def test_a_worker_started_before_its_broker(pool: Callable[..., Pool], context: 
         worker.kill()
 
 
-def test_the_protocol_with_fake_workers(pool: Callable[..., Pool], context: Context) -> None:
-    """DEALER sockets speaking MEW1 by hand: what real workers rarely do."""
-    p = pool(0, beats=["--heartbeat", "5"])  # the fakes send no heartbeats
-
-    def fake() -> zmq.Socket[bytes]:
-        sock = dealer(context, p.backend)
-        sock.setsockopt(zmq.RCVTIMEO, 5000)
-        sock.send_multipart([b"MEW1", b"READY"])
-        return sock
-
-    def request_of(sock: zmq.Socket[bytes]) -> list[bytes]:
-        while True:
-            frames = sock.recv_multipart()
-            if frames[1] == b"REQ":
-                return frames
-
-    noise = dealer(context, p.backend)
-    noise.send_multipart([b"HTTP/1.0", b"GET /"])  # not MEW1: ignored
-    client = dealer(context, p.url)
-
-    # A poison request: every worker that takes it dies. The fifth death gives it up.
-    client.send_multipart([b"", b"poison"])
-    for _ in range(5):
-        victim = fake()
-        assert request_of(victim)[4] == b"poison"
-        victim.close(linger=0)
-    status = wait_status(p.broker, "dropped")
-    assert "1 dropped" in status and "4 retried" in status
-    assert not client.poll(200)
-
-    # A worker that says READY while it holds a request has restarted: the request goes elsewhere.
-    amnesic = fake()
-    client.send_multipart([b"", b"again"])
-    held = request_of(amnesic)
-    assert held[4] == b"again"
-    helper = fake()
-    assert "2 workers (1 busy)" in wait_status(p.broker, "2 workers")
-    amnesic.send_multipart([b"MEW1", b"READY"])
-    retried = request_of(helper)  # free for longer than the amnesic one: least recently used
-    helper.send_multipart([b"MEW1", b"REP", retried[2], *retried[3:]])
-    assert client.poll(5000)
-    assert client.recv_multipart() == [b"", b"again"]
-    amnesic.send_multipart([b"MEW1", b"REP", held[2], *held[3:]])  # too late: dropped, counted
-    amnesic.send_multipart([b"MEW1", b"REP", b"no such request"])
-    assert "2 late replies dropped" in wait_status(p.broker, "late")
-    assert not client.poll(300)
-    for sock in (amnesic, helper, noise, client):
-        sock.close(linger=0)
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["worker", "--window", "0"], "window must be between 1 and 1024"),
+        (["broker", "--request-timeout", "nan"], "request-timeout must be between 0.01 and 86400 seconds"),
+        (["broker", "--hold-timeout", "inf"], "hold-timeout must be between 0.01 and 86400 seconds"),
+        (["broker", "--max-message", "2000", "--client-bytes", "1000"], "max-message <= client-bytes"),
+    ],
+)
+def test_the_new_settings_are_checked(argv: list[str], message: str) -> None:
+    """A bad deadline, window or byte limit: one line, a non-zero exit, no traceback."""
+    result = subprocess.run([command("myecho"), "serve", *argv], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr

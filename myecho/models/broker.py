@@ -2,77 +2,101 @@
 
 Two ROUTER sockets. The frontend speaks to clients exactly as the zmq model
 does (REQ, or DEALER with any frames, multipart frame for frame, replies
-to one client in the order of its requests); the backend speaks MEW1 to
-``myecho serve worker`` processes on any host (see
-``myecho.patterns.heartbeat`` for the frames and the heartbeats).
+to one client in the order of its requests); the backend speaks MEW2 to
+``myecho serve worker`` processes on any host (``myecho.patterns.heartbeat``
+specifies the frames, the credit-based flow and the error reply).
 
-Routing is least recently used: free workers wait in a queue, the one free
-for the longest gets the next request, and a worker gets a new request
-only after it answered the last one. The frontend is polled only while a
-worker is free and no retried request waits, so clients are never read
-when nobody can serve them: their requests stay in libzmq's queues (and
-REQ clients simply wait), the broker holds at most one request per worker.
+Throughput comes from the window: each worker holds up to its window of
+requests at once (32 by default), so neither side waits for the other; the
+broker reads both sockets in batches per wake-up with pyzmq's low-level
+calls, and forwards a client's frames to the worker without copying them.
 
-Retries are the broker's, not the client's. A REQ client must see the
-broker exactly like ``myecho serve zmq``: no timeout to tune, no resend
-(the lazy pirate's REQ_RELAXED dance), no duplicate to filter. And the
-broker knows exactly which request a dead worker held: it keeps each
-request until its reply is forwarded, so when heartbeats (or the closed
-connection) say a worker is gone, its request goes to the next free
-worker. Exactly once, towards the client: every request has an ID; the
-first reply for an outstanding ID is forwarded and the ID retired, so a
-hung worker that wakes up and answers a request meanwhile answered by
-another is dropped (``late`` in STATUS). IDs start with a random nonce per
-broker run: a reply queued for a previous run cannot pass for a new one.
-What this does not cover: the broker's own death loses the requests it
-holds, as the zmq model's death does; those clients time out.
+Retries are the broker's, not the client's: a REQ client sees the broker
+exactly like ``myecho serve zmq``. The broker keeps each request until its
+reply comes, so when a worker dies, hangs past the hold timeout or leaves,
+what it held goes to another worker. Exactly once, towards the client: the
+first valid reply, from the worker that holds the request, is forwarded and
+the request retired; any other is dropped (``late``). A request that cannot
+be served gets the error reply, never silence: within the request timeout,
+or at once when it is too big or its client holds too much.
+
+Memory is bounded in bytes: one message (all its frames together), what the
+broker holds for one client (its requests and the replies waiting for an
+earlier one), and in total; a request's frames are freed when its reply
+comes, the reply's when it is forwarded. A limit reached costs only the
+request that reached it (its error reply), is counted in STATUS and logged
+at most every ten seconds. What this does not cover: the broker's own death
+loses what it holds, as the zmq model's death does.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
 import os
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from myecho import curve
-from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, MAX_MESSAGE
+from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER
 from myecho.models.zmq import bind as bind_listeners
 from myecho.patterns import heartbeat as mew
-from myecho.patterns.endpoints import BIND, attach, detach
+from myecho.patterns.endpoints import BIND, attach
 from myecho.runtime import Runtime
 from myecho.settings import BROKER_BACKEND_PORT
 from myecho.sockets import format_address
 
 Context = zmq.Context[zmq.Socket[bytes]]
+Frames = list[zmq.Frame]
 GONE_MEMORY = 1024
 PROBES = (0.005, 0.02, 0.1)  # seconds after a disconnection
+TICK = 0.05  # how often deadlines are looked at while requests are held
+OVERHEAD = 256  # bytes counted per request besides its frames: the bookkeeping
+LOG_EVERY = 10.0
+LAST_WORDS = 0.2  # seconds the frontend lingers at least when the broker closes
+NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # plain ints: an IntFlag's | costs a microsecond
+NOBLOCK_SNDMORE = NOBLOCK | SNDMORE
+HEADER_SIZE = len(mew.REPLY) + mew.ID_SIZE
 
 
 class Request:
-    __slots__ = ("client", "done", "frames", "id", "reply", "tries", "worker")
+    __slots__ = ("client", "deadline", "done", "frames", "holder", "id", "reply", "size", "tries")
 
-    def __init__(self, request_id: bytes, client: bytes, frames: list[bytes]) -> None:
+    def __init__(self, request_id: bytes, client: bytes, frames: Frames, size: int, deadline: float) -> None:
         self.id = request_id
         self.client = client
-        self.frames = frames
-        self.worker: bytes | None = None
-        self.reply: list[bytes] | None = None
+        self.frames: Frames | None = frames
+        self.size = size  # bytes counted against the client and the total
+        self.deadline = deadline
+        self.holder: bytes | None = None  # the worker it was last sent to: only its reply counts
+        self.reply: Frames | None = None
         self.tries = 0
         self.done = False  # answered or given up: any later reply is late
 
 
 class Worker:
-    __slots__ = ("expiry", "id", "request")
+    __slots__ = ("heard", "held", "id", "leaving", "window")
 
-    def __init__(self, worker_id: bytes, expiry: float) -> None:
+    def __init__(self, worker_id: bytes, window: int, now: float) -> None:
         self.id = worker_id
-        self.expiry = expiry
-        self.request: Request | None = None
+        self.window = window
+        self.heard = now
+        self.held: dict[bytes, tuple[Request, float]] = {}  # by request ID, in the order sent: (request, sent at)
+        self.leaving = False
+
+
+def raw_send(sock: zmq.Socket[bytes]) -> Callable[..., Any]:
+    """The socket's send without pyzmq's Python wrapper (Cython's own, a third cheaper
+    per frame); the wrapper itself if this pyzmq is laid out otherwise."""
+    base = getattr(zmq.backend, "Socket", None)
+    method = getattr(base, "send", None)
+    if base is not None and method is not None and isinstance(sock, base) and hasattr(method, "__get__"):
+        bound: Callable[..., Any] = method.__get__(sock)
+        return bound
+    return sock.send
 
 
 def name(worker_id: bytes) -> str:
@@ -99,185 +123,353 @@ class Broker:
         self.rt = runtime
         settings = runtime.settings
         self.timing = mew.Timing(settings.heartbeat, settings.liveness)
+        self.request_timeout = settings.request_timeout
+        self.hold_timeout = settings.hold_timeout
+        self.max_message = settings.max_message
+        self.client_bytes = settings.client_bytes
+        self.broker_bytes = settings.broker_bytes
         self.context = context or zmq.Context.instance()
         self.frontend = self.context.socket(zmq.ROUTER)
         self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+        self.frontend.setsockopt(zmq.MAXMSGSIZE, self.max_message)  # per frame: libzmq's part of the bound
         self.frontend.setsockopt(zmq.SNDHWM, HIGH_WATER)
         self.frontend.setsockopt(zmq.RCVHWM, HIGH_WATER)
         self.frontend.setsockopt(zmq.BACKLOG, settings.backlog)
         self.backend = self.context.socket(zmq.ROUTER)
         curve.secure_backend(self.backend, runtime)
+        # No ROUTER_HANDOVER: a second connection with a worker's identity is refused by libzmq.
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.backend.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.backend.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + mew.ENVELOPE)
+        self.backend.setsockopt(zmq.MAXMSGSIZE, self.max_message + mew.ENVELOPE)
         self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self.back_monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.nonce = os.urandom(8)
-        self.counter = itertools.count()
+        self.send_frontend, self.send_backend = raw_send(self.frontend), raw_send(self.backend)
         self.workers: dict[bytes, Worker] = {}
-        self.gone: OrderedDict[bytes, None] = OrderedDict()  # connections seen closing
-        self.idle: OrderedDict[bytes, None] = OrderedDict()  # least recently used first
-        self.retries: deque[Request] = deque()
-        self.pending: dict[bytes, deque[Request]] = {}  # per client, in arrival order
+        # Workers with credit left, by how many requests they hold; least recently used first.
+        self.levels: list[OrderedDict[bytes, Worker]] = [OrderedDict()]
+        self.gone: OrderedDict[bytes, None] = OrderedDict()  # connections closed, or identities refused
+        self.waiting: deque[Request] = deque()  # read, not yet sent to a worker (retries first)
+        self.pending: dict[bytes, deque[Request]] = {}  # per client, in arrival order, until forwarded
         self.unanswered: dict[bytes, Request] = {}
-        self.retried = self.late = self.given_up = 0
-        self.last_drop_log = 0.0
+        self.held_by_client: dict[bytes, int] = {}
+        self.ids, self.ids_at = b"", 0  # unused random bytes for request IDs
+        self.held_total = 0
+        self.counts: Counter[str] = Counter()
+        self.last_log: dict[str, float] = {}
         self.next_heartbeat = 0.0
+        self.next_tick = 0.0
         self.probes: list[float] = []  # when to heartbeat again after a disconnection
+        self.closing = False
+
+    # -- logging and counting -------------------------------------------------
+    def warn(self, kind: str, message: str, *args: object) -> None:
+        """Count ``kind``; log at most every ten seconds per kind."""
+        self.counts[kind] += 1
+        now = time.monotonic()
+        if now - self.last_log.get(kind, -LOG_EVERY) >= LOG_EVERY:
+            self.last_log[kind] = now
+            self.rt.log.warning(message, *args)
 
     # -- the pool -------------------------------------------------------------
-    def join(self, worker_id: bytes) -> Worker:
-        worker = Worker(worker_id, time.monotonic() + self.timing.patience)
+    def join(self, worker_id: bytes, window: int, now: float) -> Worker:
+        worker = Worker(worker_id, window, now)
         self.workers[worker_id] = worker
-        self.idle[worker_id] = None
-        self.rt.log.info("worker %s joined (%d in the pool)", name(worker_id), len(self.workers))
+        self.levels[0][worker_id] = worker
+        self.rt.log.info("worker %s joined, window %d (%d in the pool)", name(worker_id), window, len(self.workers))
         return worker
 
-    def leave(self, worker_id: bytes, why: str) -> None:
+    def ban(self, worker_id: bytes) -> None:
+        """Never take this identity (back) into the pool; its replies to what it held still count."""
+        self.gone[worker_id] = None
+        if len(self.gone) > GONE_MEMORY:
+            self.gone.popitem(last=False)
+
+    def leave(self, worker_id: bytes, why: str, refuse: bool = False) -> None:
+        """Drop a worker; what it held goes to other workers. ``refuse``: never take it back."""
+        if refuse:
+            self.ban(worker_id)
         worker = self.workers.pop(worker_id, None)
         if worker is None:
             return
-        self.idle.pop(worker_id, None)
-        request = worker.request
-        held = ""
-        if request is not None and not request.done:
-            held = "; its request goes to another worker"
+        if len(worker.held) < len(self.levels):
+            self.levels[len(worker.held)].pop(worker_id, None)
+        held = [request for request, _ in worker.held.values()]
+        worker.held.clear()
+        for request in reversed(held):
             self.retry(request)
-        self.rt.log.info("worker %s left: %s (%d in the pool)%s", name(worker_id), why, len(self.workers), held)
+        note = f"; the {len(held)} request{'' if len(held) == 1 else 's'} it held: to other workers" if held else ""
+        self.rt.log.info("worker %s left: %s (%d in the pool)%s", name(worker_id), why, len(self.workers), note)
 
     def retry(self, request: Request) -> None:
-        request.worker = None
         if request.done:
             return
         request.tries += 1
         if request.tries >= mew.MAX_TRIES:
-            self.given_up += 1
-            self.rt.stats.dropped += 1
-            self.rt.log.warning("request given up: %d workers died holding it", request.tries)
-            self.forget(request)
+            self.fail(request, b"tries", f"{request.tries} workers failed to answer it")
             return
-        self.retried += 1
-        self.retries.append(request)
+        self.counts["retried"] += 1
+        self.waiting.appendleft(request)
 
-    def forget(self, request: Request) -> None:
-        """Retire a request that will not be answered."""
-        request.done = True
-        del self.unanswered[request.id]
-        queue = self.pending.get(request.client)
-        if queue is not None:
-            with contextlib.suppress(ValueError):
-                queue.remove(request)
-            self.flush(request.client, queue)
+    def credit(self, worker: Worker, count: int) -> None:
+        """File a worker under the number of requests it holds (if it may take more)."""
+        if count < worker.window and not worker.leaving:
+            while len(self.levels) <= count:
+                self.levels.append(OrderedDict())
+            self.levels[count][worker.id] = worker
 
     # -- requests -------------------------------------------------------------
-    def dispatch(self, request: Request) -> bool:
-        """Give a request to the least recently used worker; False if none is free."""
-        while self.idle:
-            worker_id, _ = self.idle.popitem(last=False)
+    def dispatch(self, now: float) -> None:
+        """Send waiting requests to the least loaded workers while any has credit."""
+        waiting, levels, send = self.waiting, self.levels, self.send_backend
+        while waiting:
+            request = waiting[0]
+            if request.done:
+                waiting.popleft()
+                continue
+            for level in levels:
+                if level:
+                    worker_id, worker = level.popitem(last=False)
+                    break
+            else:
+                return
+            frames = request.frames
+            assert frames is not None
             try:
-                self.backend.send_multipart(
-                    [worker_id, mew.PROTOCOL, mew.REQUEST, request.id, *request.frames], zmq.NOBLOCK
-                )
+                send(worker_id, NOBLOCK_SNDMORE)
             except zmq.ZMQError as error:  # gone (EHOSTUNREACH) or closing (EAGAIN)
                 self.lost(worker_id, error)
                 continue
-            self.workers[worker_id].request = request
-            request.worker = worker_id
-            return True
-        return False
+            send(mew.REQUEST + request.id, SNDMORE)
+            for frame in frames[:-1]:
+                send(frame, SNDMORE, copy=False)
+            send(frames[-1], copy=False)
+            waiting.popleft()
+            held = worker.held
+            held[request.id] = (request, now)
+            request.holder = worker_id
+            self.credit(worker, len(held))
 
-    def take_requests(self) -> None:
-        """Read clients, at most one request per free worker."""
-        while self.retries and self.idle:
-            if not self.dispatch(self.retries[0]):
-                break
-            self.retries.popleft()
+    def take_requests(self, now: float) -> None:
+        """Read up to BATCH client messages (the whole of each, even one over the limit)."""
+        recv = self.frontend.recv
+        deadline = now + self.request_timeout
+        limit, client_bytes = self.max_message, self.client_bytes
+        held_by_client, pending, unanswered, waiting = self.held_by_client, self.pending, self.unanswered, self.waiting
+        ids, at = self.ids, self.ids_at
         for _ in range(BATCH):
-            if self.retries or not self.idle:
-                return
             try:
-                client, *frames = self.frontend.recv_multipart(zmq.NOBLOCK)
+                client = recv(NOBLOCK)
             except zmq.Again:
-                return
-            request = Request(self.nonce + next(self.counter).to_bytes(8, "big"), client, frames)
-            self.pending.setdefault(client, deque()).append(request)
-            self.unanswered[request.id] = request
-            if not self.dispatch(request):
-                self.retries.appendleft(request)
+                break
+            frames: Frames = []
+            size = OVERHEAD
+            more = True
+            while more:
+                frame = recv(0, copy=False)
+                more = frame.more
+                size += len(frame)
+                if size <= limit or not frames:
+                    frames.append(frame)  # past the limit: freed at once, only the envelope kept
+            if size - OVERHEAD > limit:
+                self.refuse(client, frames, b"too-big", f"the message is over {limit} bytes (all frames)")
+                continue
+            if self.closing:
+                self.refuse(client, frames, b"stopping", "the broker is stopping")
+                continue
+            client_held = held_by_client.get(client, 0) + size
+            if client_held > client_bytes:
+                self.refuse(
+                    client, frames, b"busy", f"this client's requests and replies are over {client_bytes} bytes"
+                )
+                continue
+            if self.held_total + size > self.broker_bytes:
+                self.refuse(client, frames, b"busy", f"the broker holds {self.broker_bytes} bytes")
+                continue
+            held_by_client[client] = client_held
+            self.held_total += size
+            if at >= len(ids):  # random IDs drawn 256 at a time: one system call, not one per request
+                ids, at = os.urandom(mew.ID_SIZE * 256), 0
+            request_id = ids[at : at + mew.ID_SIZE]
+            at += mew.ID_SIZE
+            request = Request(request_id, client, frames, size, deadline)
+            queue = pending.get(client)
+            if queue is None:
+                pending[client] = queue = deque()
+            queue.append(request)
+            unanswered[request_id] = request
+            waiting.append(request)
+        self.ids, self.ids_at = ids, at
 
-    def deliver(self, request: Request, frames: list[bytes]) -> None:
-        request.reply = frames
+    def refuse(self, client: bytes, frames: Frames, reason: bytes, why: str) -> None:
+        """The error reply to a request not taken, in order behind the client's earlier ones.
+
+        Waiting error replies count against the limits too: a client that
+        goes on sending while one of its requests is held loses the errors
+        that do not fit (dropped, counted), never the broker's memory."""
+        self.warn(reason.decode(), "request refused (%s): %s", reason.decode(), why)
+        self.rt.stats.dropped += 1
+        held = self.held_by_client.get(client, 0) + OVERHEAD
+        queue = self.pending.get(client)
+        if queue is not None and (held > self.client_bytes or self.held_total + OVERHEAD > self.broker_bytes):
+            return
+        request = Request(b"", client, [], OVERHEAD, 0.0)
         request.done = True
-        del self.unanswered[request.id]
-        stats = self.rt.stats
-        stats.messages += 1
-        stats.bytes += sum(len(frame) for frame in frames)
-        self.flush(request.client, self.pending[request.client])
+        request.reply = [zmq.Frame(frame) for frame in mew.error_reply([f.bytes for f in frames], reason, why)]
+        self.held_by_client[client] = held
+        self.held_total += OVERHEAD
+        if queue is None:
+            self.pending[client] = queue = deque()
+        queue.append(request)
+        self.flush(client, queue)
+
+    def fail(self, request: Request, reason: bytes, why: str) -> None:
+        """Give a request up: its client gets the error reply."""
+        self.warn(reason.decode(), "request given up (%s): %s", reason.decode(), why)
+        self.rt.stats.dropped += 1
+        frames = request.frames or []
+        reply = mew.error_reply([f.bytes for f in frames], reason, why)
+        request.done = True
+        request.frames = None
+        self.unanswered.pop(request.id, None)
+        self.settle(request, [zmq.Frame(frame) for frame in reply], 0)
+
+    def settle(self, request: Request, reply: Frames, size: int) -> None:
+        """A request's answer is known: swap its bytes for the reply's, send what is in order."""
+        change = size - request.size
+        request.size = size
+        request.reply = reply
+        self.held_total += change
+        client = request.client
+        self.held_by_client[client] += change
+        queue = self.pending[client]
+        if queue[0] is request:
+            self.flush(client, queue)
 
     def flush(self, client: bytes, queue: deque[Request]) -> None:
-        """Send a client its replies in the order of its requests."""
-        while queue and queue[0].reply is not None:
-            reply = queue.popleft().reply
-            assert reply is not None
+        """Send a client its replies in the order of its requests, freeing each."""
+        send = self.send_frontend
+        while queue and (reply := queue[0].reply) is not None:
+            request = queue.popleft()
+            request.reply = None
+            if request.size:
+                self.held_total -= request.size
+                self.held_by_client[client] -= request.size
             try:
-                self.frontend.send_multipart([client, *reply], zmq.NOBLOCK)
+                send(client, NOBLOCK_SNDMORE)
             except zmq.Again:
-                self.dropped()
+                self.warn(
+                    "unread", "reply dropped: a client that does not read; its replies reached the high-water mark"
+                )
+                self.rt.stats.dropped += 1
+                continue
             except zmq.ZMQError as error:
                 if error.errno != zmq.EHOSTUNREACH:  # the client left before its answer
                     raise
+                continue
+            for frame in reply[:-1]:
+                send(frame, SNDMORE, copy=False)
+            send(reply[-1], copy=False)
         if not queue:
             del self.pending[client]
-
-    def dropped(self) -> None:
-        self.rt.stats.dropped += 1
-        now = time.monotonic()
-        if now - self.last_drop_log >= 10:
-            self.rt.log.warning("reply dropped: a client that does not read; its replies reached the high-water mark")
-            self.last_drop_log = now
+            if not self.held_by_client.get(client):
+                self.held_by_client.pop(client, None)
 
     # -- workers --------------------------------------------------------------
-    def from_workers(self) -> None:
+    def from_workers(self, now: float) -> None:
+        recv = self.backend.recv
+        workers = self.workers
         for _ in range(BATCH):
             try:
-                worker_id, *frames = self.backend.recv_multipart(zmq.NOBLOCK)
+                worker_id = recv(NOBLOCK)
             except zmq.Again:
                 return
-            message = mew.parse(frames)
-            if message is None:
-                self.rt.log.debug("not MEW1 from %s: ignored", name(worker_id))
+            first = recv(0, copy=False)
+            header = first.bytes
+            frames: Frames = []
+            size = 0
+            more = first.more
+            while more:
+                frame = recv(0, copy=False)
+                more = frame.more
+                size += len(frame)
+                frames.append(frame)
+            worker = workers.get(worker_id)
+            if header[:9] == mew.REPLY:  # from a worker out of the pool too: the holder is what counts
+                if worker is not None:
+                    worker.heard = now
+                self.on_reply(worker, worker_id, header[9:], frames, size)
+            elif worker is not None:
+                worker.heard = now
+                if header.startswith(mew.READY):
+                    if worker.held:
+                        self.leave(worker_id, "it said READY while holding requests", refuse=True)
+                        self.counts["refused"] += 1
+                elif header == mew.BYE:
+                    self.goodbye(worker)
+            elif worker_id in self.gone:
                 continue
-            command, rest = message
-            worker = self.workers.get(worker_id)
-            if command == mew.BYE:
-                self.leave(worker_id, "it said goodbye")
-                continue
-            if worker is None and worker_id in self.gone:  # its last words: a reply is welcome
-                if command == mew.REPLY and rest:
-                    self.on_reply(Worker(worker_id, 0.0), rest[0], rest[1:])
-                continue
-            if worker is None:
-                worker = self.join(worker_id)
-            elif command == mew.READY and worker.request is not None:
-                self.retry(worker.request)  # it started afresh: what it held is lost
-                worker.request = None
-                self.idle[worker_id] = None
-            worker.expiry = time.monotonic() + self.timing.patience
-            if command == mew.REPLY and rest:
-                self.on_reply(worker, rest[0], rest[1:])
+            elif header.startswith((mew.READY, mew.HEARTBEAT)):
+                window = mew.window_of(header)
+                if window is None:
+                    self.warn("refused", "worker %s refused: bad window in %r", name(worker_id), header[:40])
+                else:
+                    self.join(worker_id, window, now)
+            elif header == mew.OLD_PROTOCOL:
+                self.ban(worker_id)
+                self.warn(
+                    "refused",
+                    "worker %s refused: it speaks MEW1 (an older myecho); upgrade it to speak MEW2",
+                    name(worker_id),
+                )
+            else:
+                self.rt.log.debug("not MEW2 from %s: ignored", name(worker_id))
 
-    def on_reply(self, worker: Worker, request_id: bytes, frames: list[bytes]) -> None:
-        if worker.request is not None and worker.request.id == request_id:
-            worker.request = None
-            self.idle[worker.id] = None
+    def on_reply(self, worker: Worker | None, worker_id: bytes, request_id: bytes, frames: Frames, size: int) -> None:
+        """Forward a reply if it comes from the worker that holds the request."""
         request = self.unanswered.get(request_id)
-        if request is None:  # answered already (or from a previous broker run)
-            self.late += 1
+        if request is None or request.holder != worker_id or not frames:
+            self.counts["late"] += 1  # answered already, given up, another's, or never ours
             return
-        if request in self.retries:  # a worker we gave up on woke up first: take its answer
-            self.retries.remove(request)
-        self.deliver(request, frames)
+        if size > self.max_message:
+            self.warn("too-big", "worker %s sent a reply over %d bytes", name(worker_id), self.max_message)
+            self.leave(worker_id, "it sent a reply over the message limit", refuse=True)
+            return
+        if worker is not None and worker.held.pop(request_id, None) is not None:
+            count = len(worker.held)
+            levels = self.levels
+            if count + 1 < len(levels):
+                levels[count + 1].pop(worker_id, None)
+            if count < worker.window and not worker.leaving:
+                levels[count][worker_id] = worker  # it was filed one level up, or full: that level exists
+            elif worker.leaving and not count:
+                self.leave(worker_id, "it said goodbye")
+        elif request in self.waiting:  # a worker given up on answered first: take its answer
+            self.waiting.remove(request)
+        del self.unanswered[request_id]
+        request.done = True
+        request.frames = None  # the request's bytes are freed now
+        stats = self.rt.stats
+        stats.messages += 1
+        stats.bytes += size
+        client = request.client
+        queue = self.pending[client]
+        if len(queue) == 1:  # the usual case (a REQ client): straight out, nothing kept
+            change = -request.size
+            self.held_total += change
+            self.held_by_client[client] += change
+            request.size = 0
+            request.reply = frames
+            self.flush(client, queue)
+        else:
+            self.settle(request, frames, size + OVERHEAD)
+
+    def goodbye(self, worker: Worker) -> None:
+        """BYE: send it nothing more; what it holds it answers (or loses by the hold timeout)."""
+        worker.leaving = True
+        count = len(worker.held)
+        if count < len(self.levels):
+            self.levels[count].pop(worker.id, None)
+        if not count:
+            self.leave(worker.id, "it said goodbye")
 
     def heartbeat(self) -> None:
         """HB to every worker; a send that fails finds the dead at once.
@@ -287,27 +479,40 @@ class Broker:
         left a thousand messages unread, which a live one never does."""
         for worker_id in list(self.workers):
             try:
-                self.backend.send_multipart([worker_id, mew.PROTOCOL, mew.HEARTBEAT], zmq.NOBLOCK)
+                self.backend.send_multipart([worker_id, mew.HEARTBEAT], NOBLOCK)
             except zmq.ZMQError as error:
                 self.lost(worker_id, error)
 
     def lost(self, worker_id: bytes, error: zmq.ZMQError) -> None:
         """A worker whose connection is gone: it will not come back under this identity."""
-        self.leave(worker_id, f"its connection is gone ({error.strerror})")
-        self.gone[worker_id] = None
-        if len(self.gone) > GONE_MEMORY:
-            self.gone.popitem(last=False)
+        self.leave(worker_id, f"its connection is gone ({error.strerror})", refuse=True)
 
-    def expire(self, now: float) -> None:
+    def deadlines(self, now: float) -> None:
+        """Silent workers and workers past the hold timeout leave; late requests fail."""
+        patience, hold = self.timing.patience, self.hold_timeout
         for worker in list(self.workers.values()):
-            if worker.expiry <= now:
-                self.leave(worker.id, f"silent for {self.timing.patience:g} s")
+            if worker.heard + patience <= now:
+                self.leave(worker.id, f"silent for {patience:g} s")
+            elif worker.held and next(iter(worker.held.values()))[1] + hold <= now:
+                self.counts["hung"] += 1
+                self.leave(worker.id, f"it held a request for over {hold:g} s", refuse=True)
+        for queue in list(self.pending.values()):
+            while queue and not queue[0].done and queue[0].deadline <= now:
+                request = queue[0]
+                if request.holder is not None and request.holder in self.workers:
+                    worker = self.workers[request.holder]
+                    if worker.held.pop(request.id, None) is not None:
+                        count = len(worker.held)
+                        if count + 1 < len(self.levels):
+                            self.levels[count + 1].pop(worker.id, None)
+                        self.credit(worker, count)
+                self.fail(request, b"timeout", f"not answered within {self.request_timeout:g} s")
 
     def on_monitors(self) -> None:
         lost = False
         while True:
             try:
-                event = recv_monitor_message(self.back_monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(self.back_monitor, NOBLOCK)
             except zmq.Again:
                 break
             lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
@@ -317,7 +522,7 @@ class Broker:
             self.heartbeat()
         while True:
             try:
-                event = recv_monitor_message(self.front_monitor, zmq.NOBLOCK)
+                event = recv_monitor_message(self.front_monitor, NOBLOCK)
             except zmq.Again:
                 return
             if event["event"] == zmq.EVENT_ACCEPTED:
@@ -337,62 +542,92 @@ class Broker:
         return front_where, back_where
 
     def status(self) -> None:
-        busy = len(self.workers) - len(self.idle)
         count = len(self.workers)
-        detail = f"{count} worker{'' if count == 1 else 's'} ({busy} busy), {self.retried} retried"
-        if self.late:
-            detail += f", {self.late} late replies dropped"
+        busy = sum(1 for worker in self.workers.values() if worker.held)
+        detail = (
+            f"{count} worker{'' if count == 1 else 's'} ({busy} busy), {len(self.unanswered)} in the broker "
+            f"({self.held_total} bytes), {self.counts['retried']} retried"
+        )
+        for kind, label in (
+            ("late", "late replies dropped"),
+            ("hung", "workers over the hold timeout"),
+            ("timeout", "timed out"),
+            ("tries", "given up after tries"),
+            ("too-big", "too big"),
+            ("busy", "over a byte limit"),
+            ("refused", "workers refused"),
+        ):
+            if self.counts[kind]:
+                detail += f", {self.counts[kind]} {label}"
         self.rt.stats.detail = detail
 
     def serve(self) -> None:
         rt = self.rt
         front_where, back_where = self.attach()
         poller = zmq.Poller()
+        poller.register(self.frontend, zmq.POLLIN)
         poller.register(self.backend, zmq.POLLIN)
         poller.register(self.back_monitor, zmq.POLLIN)
         poller.register(self.front_monitor, zmq.POLLIN)
         poller.register(rt.signals.fileno(), zmq.POLLIN)
-        reading = False
+        frontend, backend = self.frontend, self.backend
         rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
         quiet_since = None
+        next_status = 0.0
         while True:
-            want = bool(self.idle) and not self.retries
-            if want != reading:
-                poller.register(self.frontend, zmq.POLLIN if want else 0)
-                reading = want
             now = time.monotonic()
-            wait = min(rt.timeout(), max(0.0, min([self.next_heartbeat, *self.probes]) - now))
+            wake = min([self.next_heartbeat, *self.probes[:1]])
+            if self.unanswered:
+                wake = min(wake, self.next_tick)
+            wait = min(rt.timeout(), max(0.0, wake - now))
             if rt.stopping:
                 wait = min(wait, DRAIN_IDLE)
             events = dict(poller.poll(int(wait * 1000)))
-            if self.backend in events:
-                self.from_workers()
-            if self.frontend in events or self.retries:
-                self.take_requests()
+            now = time.monotonic()
+            if backend in events:
+                self.from_workers(now)
+            if frontend in events:
+                self.take_requests(now)
+            if self.waiting:
+                self.dispatch(now)
             if self.back_monitor in events or self.front_monitor in events:
                 self.on_monitors()
             if rt.signals.fileno() in events:
                 rt.on_signals()
-                if rt.stopping:
-                    detach(self.frontend, front_where)  # no new clients; answer what is in flight
-            now = time.monotonic()
+                # Stopping: the clients keep their connections (an unbind would close them, and the
+                # replies in flight with them); new requests get the error reply, the others their answers.
+                self.closing = rt.stopping
             if self.probes and now >= self.probes[0]:
                 self.probes.pop(0)
                 self.heartbeat()
+            if now >= self.next_tick:
+                self.deadlines(now)
+                self.next_tick = now + TICK
+                if self.waiting:
+                    self.dispatch(now)
             if now >= self.next_heartbeat:
-                self.expire(now)
                 self.heartbeat()
                 self.next_heartbeat = now + self.timing.interval
-            self.status()
+            if now >= next_status:
+                self.status()
+                next_status = now + 0.25
             rt.tick()
             if rt.stopping:
-                if self.frontend in events or self.unanswered:
+                if frontend in events or self.unanswered:
                     quiet_since = None
                 elif quiet_since is None:
                     quiet_since = now
                 if rt.grace_expired() or (quiet_since is not None and now - quiet_since >= DRAIN_IDLE):
                     break
+        self.give_up_all()
         self.close()
+
+    def give_up_all(self) -> None:
+        """Stopping with requests unanswered (the grace period is over): their clients hear why."""
+        for queue in list(self.pending.values()):
+            for request in list(queue):
+                if not request.done:
+                    self.fail(request, b"stopping", "the broker is stopping")
 
     def close(self) -> None:
         linger = max(0.0, self.rt.stop_deadline - time.monotonic())
@@ -401,7 +636,8 @@ class Broker:
         self.front_monitor.close(linger=0)
         self.back_monitor.close(linger=0)
         self.backend.close(linger=0)
-        self.frontend.close(linger=int(min(linger, 1.0) * 1000))
+        # At least a moment for the last replies (the error replies of give_up_all), at most a second.
+        self.frontend.close(linger=int(min(max(linger, LAST_WORDS), 1.0) * 1000))
 
 
 def serve(runtime: Runtime) -> None:

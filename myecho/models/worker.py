@@ -2,10 +2,12 @@
 
 A DEALER socket connects to the broker's backend (``--connect URL``, or
 ``MYECHO_WORKER_CONNECT`` in the config file; ``@URL`` binds instead and
-lets the broker connect) and speaks MEW1 (``myecho.patterns.heartbeat``):
-READY, then each request's frames echoed frame for frame, heartbeats both
-ways. When the broker falls silent for ``liveness`` heartbeats the worker
-starts afresh: new socket, new identity, READY; so a restarted broker, or
+lets the broker connect) and speaks MEW2 (``myecho.patterns.heartbeat``):
+READY with its window (``--window``: how many requests the broker may send
+it before the first is answered), then each request's frames echoed frame
+for frame as they are read, without copying them, heartbeats both ways.
+When the broker falls silent for ``liveness`` heartbeats the worker starts
+afresh: new socket, new identity, READY; so a restarted broker, or
 one that came back on another host behind the same name, finds its workers
 again without anyone restarting them.
 
@@ -26,6 +28,7 @@ import time
 import zmq
 
 from myecho import curve
+from myecho.models.broker import NOBLOCK_SNDMORE, SNDMORE, raw_send
 from myecho.models.zmq import BATCH, DRAIN_IDLE, MAX_MESSAGE
 from myecho.patterns import heartbeat as mew
 from myecho.patterns.endpoints import BIND, CONNECT, attach, split
@@ -48,9 +51,14 @@ class EchoWorker:
         context: Context | None = None,
         runtime: Runtime | None = None,
         stop: threading.Event | None = None,
+        window: int = 32,
+        max_message: int = MAX_MESSAGE,
     ) -> None:
         self.action, self.url = split(endpoint, CONNECT)
         self.timing = timing
+        self.window = window
+        self.max_message = max_message
+        self.hello = str(window).encode()
         self.context = context or zmq.Context.instance()
         self.rt = runtime
         self.stop = stop
@@ -75,12 +83,12 @@ class EchoWorker:
         sock = self.context.socket(zmq.DEALER)
         curve.secure_worker(sock, self.rt)
         sock.setsockopt(zmq.ROUTING_ID, self.identity.encode())
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE + mew.ENVELOPE)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message + mew.ENVELOPE)
         sock.setsockopt(zmq.LINGER, 0)
         where = attach(sock, [self.action + self.url], CONNECT)
         self.sock = sock
         self.poller.register(sock, zmq.POLLIN)
-        self.say(mew.READY)
+        self.say(mew.READY + self.hello)
         self.heard = time.monotonic()
         return where[0]
 
@@ -90,29 +98,45 @@ class EchoWorker:
             self.sock.close(linger=int(linger * 1000))
             self.sock = None
 
-    def say(self, *frames: bytes) -> None:
+    def say(self, header: bytes) -> None:
         """Send, never block: what cannot go now is lost and retried by the broker."""
         assert self.sock is not None
         with contextlib.suppress(zmq.Again):  # bound, no broker yet: the next HB registers us
-            self.sock.send_multipart([mew.PROTOCOL, *frames], zmq.NOBLOCK)
+            self.sock.send(header, zmq.NOBLOCK)
 
     def work(self) -> bool:
-        """Echo what the broker sent; True if it said anything."""
+        """Echo what the broker sent, each frame sent on as it is read; True if it said anything."""
         assert self.sock is not None
-        for count in range(BATCH):
+        recv, send = self.sock.recv, raw_send(self.sock)
+        stats = self.stats
+        count = 0
+        while count < BATCH:
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+                first = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return count > 0
+                break
+            count += 1
+            more = first.more
+            header = first.bytes
+            if not more or header[:9] != mew.REQUEST:
+                while more:  # HB (or noise): being heard is all it does
+                    more = recv(0, copy=False).more
+                continue
+            try:
+                send(mew.REPLY + header[9:], NOBLOCK_SNDMORE)
+            except zmq.Again:  # the broker does not read: it retries what we drop
+                while more:
+                    more = recv(0, copy=False).more
+                continue
+            stats.messages += 1
+            while more:
+                frame = recv(0, copy=False)
+                more = frame.more
+                stats.bytes += len(frame)
+                send(frame, SNDMORE if more else 0, copy=False)
+        if count:
             self.heard = time.monotonic()
-            message = mew.parse(frames)
-            if message is None or message[0] != mew.REQUEST or not message[1]:
-                continue  # HB (or noise): being heard is all it does
-            request_id, *body = message[1]
-            self.stats.messages += 1
-            self.stats.bytes += sum(len(frame) for frame in body)
-            self.say(mew.REPLY, request_id, *body)
-        return True
+        return count > 0
 
     def wait(self, seconds: float) -> dict[object, int]:
         """Poll for up to ``seconds``, acting on signals and the stop event."""
@@ -154,9 +178,9 @@ class EchoWorker:
                 attempt += 1
                 next_beat = time.monotonic() + self.timing.interval
             if now >= next_beat:
-                self.say(mew.HEARTBEAT)
+                self.say(mew.HEARTBEAT + b" " + self.hello)
                 next_beat = now + self.timing.interval
-            self.stats.detail = f"broker last heard {time.monotonic() - self.heard:.1f} s ago"
+                self.stats.detail = f"broker last heard {now - self.heard:.1f} s ago"
             if self.rt is not None:
                 self.rt.tick()
         self.leave()
@@ -201,4 +225,10 @@ class EchoWorker:
 def serve(runtime: Runtime) -> None:
     settings = runtime.settings
     timing = mew.Timing(settings.heartbeat, settings.liveness)
-    EchoWorker(settings.worker_connect or DEFAULT_CONNECT, timing, runtime=runtime).serve()
+    EchoWorker(
+        settings.worker_connect or DEFAULT_CONNECT,
+        timing,
+        runtime=runtime,
+        window=settings.window,
+        max_message=settings.max_message,
+    ).serve()

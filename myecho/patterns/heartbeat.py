@@ -1,58 +1,82 @@
-"""MEW1, the broker-worker protocol: a paranoid-pirate-like dialogue of our own.
+"""MEW2, the broker-worker protocol: credit-based flow with heartbeats.
 
 Between a worker's DEALER socket and the broker's backend ROUTER, every
-message starts with the protocol frame ``MEW1`` and a command frame::
+message starts with one header frame, ASCII words separated by spaces::
 
     worker -> broker
-      MEW1 READY               I am free: sent on every (re)connection
-      MEW1 HB                  heartbeat: I am alive
-      MEW1 REP ID FRAMES...    the answer to request ID: the client's frames, echoed
-      MEW1 BYE                 I am leaving (graceful stop): send me nothing more
+      "MEW2 READY W"            I hold nothing and may hold up to W requests
+                                (1 <= W <= 1024): sent on every (re)connection
+      "MEW2 HB W"               heartbeat, with the window again: a broker that
+                                does not know the worker (it restarted) takes
+                                it into its pool with that window
+      "MEW2 REP " + ID, FRAMES  the answer to request ID: its frames, echoed
+      "MEW2 BYE"                I am leaving (graceful stop): send me nothing more
     broker -> worker
-      MEW1 REQ ID FRAMES...    echo FRAMES; ID is 16 bytes (a random nonce per
-                               broker run, then a counter)
-      MEW1 HB                  heartbeat: the broker is alive
+      "MEW2 REQ " + ID, FRAMES  echo FRAMES; ID is 16 random bytes drawn for
+                                this request alone (os.urandom): one request
+                                tells nothing about another
+      "MEW2 HB"                 heartbeat: the broker is alive
 
-Timing: each side sends HB every ``interval`` seconds (``--heartbeat``,
-1 s by default) and takes *any* message from the other as a sign of life.
-A peer silent for ``liveness`` intervals (``--liveness``, 3) is dead:
+Credit: the broker keeps at most W requests in flight with a worker; each
+REP gives one credit back. A new request goes to the worker with the fewest
+in flight (least recently used among equals). A reply counts only when it
+comes from the worker the broker sent that request to, for a request still
+unanswered; anything else is dropped and counted (``late``).
 
-- the broker drops the worker from its pool, and the request it held goes
-  back to the head of the queue, for the next free worker;
-- the worker listens for one more interval (the silence may be its own: a
-  worker woken from SIGSTOP answers what it holds, late), then closes its
-  socket, waits (one interval, doubling up to eight), opens a fresh one
-  with a new identity and says READY: a restarted broker is found again. libzmq's own reconnection is usually faster: a
-  broker back on the same endpoint gets the worker's next HB, and a HB
-  from a worker it does not know registers it as free. That is sound
-  because a worker holds at most one request and only speaks when it
-  holds none (it answers before it speaks again).
+Deadlines (``--request-timeout``, ``--hold-timeout``): a worker that holds
+a request longer than the hold timeout loses it (it goes to another worker)
+and leaves the pool, heartbeats or not. A request that cannot be served
+(not answered within the request timeout of the broker reading it, or held
+by ``MAX_TRIES`` workers that died or lost it) gets the error reply below.
 
-A worker that crashes closes its connections: the broker's backend monitor
-sees the disconnection and heartbeats every worker at once, and again 5, 20
-and 100 ms later (libzmq drops the pipe a few hops after it reports the
-event); with ROUTER_MANDATORY the send to the dead one fails (EHOSTUNREACH,
-or EAGAIN while its pipe closes), so it leaves the pool within milliseconds
-and its request goes to another worker. Only a hung worker (or a host gone
-without a FIN) costs ``liveness × interval``.
+Liveness: each side sends HB every ``interval`` seconds (``--heartbeat``)
+and takes any message from the other as a sign of life. A worker silent for
+``liveness`` intervals leaves the pool; its requests go to other workers. A
+worker that hears nothing from the broker for as long listens one interval
+more, then opens a fresh socket with a new identity and says READY (after a
+backoff): a restarted broker finds it again. A worker that crashes closes
+its connection: the broker's backend monitor sees it and heartbeats every
+worker at once and again a few milliseconds later; the send to the dead
+one fails (ROUTER_MANDATORY), so its requests move within milliseconds.
+
+A worker that says READY while it holds requests has broken the protocol
+(or restarted under the same identity): it leaves the pool, its identity is
+not taken back, its requests go elsewhere. A peer speaking MEW1 (an older
+myecho worker) is refused: one log line, nothing sent back.
+
+The error reply: a client's request that cannot be served is answered with
+its envelope (its frames up to and including the first empty frame: for a
+REQ client, the empty delimiter) followed by three frames::
+
+    "MYECHO-ERROR", REASON, TEXT
+
+REASON is one ASCII word (``timeout``, ``tries``, ``too-big``, ``busy``,
+``stopping``: the broker stopped before an answer came), TEXT one line for
+humans. An echo is the request itself; a request whose
+body is exactly such three frames gets a fourth, empty, frame in its error
+reply, so an error never equals its request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL = b"MEW1"
-READY = b"READY"
-HEARTBEAT = b"HB"
-REQUEST = b"REQ"
-REPLY = b"REP"
-BYE = b"BYE"
-COMMANDS = frozenset({READY, HEARTBEAT, REQUEST, REPLY, BYE})
+PROTOCOL = b"MEW2"
+OLD_PROTOCOL = b"MEW1"
+READY = b"MEW2 READY "
+HEARTBEAT = b"MEW2 HB"
+REQUEST = b"MEW2 REQ "
+REPLY = b"MEW2 REP "
+BYE = b"MEW2 BYE"
+ID_SIZE = 16
+MAX_WINDOW = 1024
 
-#: A request that this many workers died holding is given up (logged and
-#: counted): a poison request must not take the whole pool down.
-MAX_TRIES = 5
-#: How much longer than the clients' MAX_MESSAGE a worker message may be.
+ERROR = b"MYECHO-ERROR"
+
+#: A request that this many workers died holding (or lost by the hold
+#: timeout) gets the error reply: a poison request must not take the pool down.
+MAX_TRIES = 3
+#: How much longer than a client's message a worker's message may be.
 ENVELOPE = 1024
 
 
@@ -73,8 +97,27 @@ class Timing:
         return self.interval * min(1 << min(attempt, 3), 8)
 
 
-def parse(frames: list[bytes]) -> tuple[bytes, list[bytes]] | None:
-    """``(command, rest)`` of a MEW1 message, or None if it is not one."""
-    if len(frames) < 2 or frames[0] != PROTOCOL or frames[1] not in COMMANDS:
+def window_of(header: bytes) -> int | None:
+    """The window of a READY or HB header (``MEW2 READY 16``), None if malformed."""
+    words = header.split(b" ")
+    if len(words) != 3 or not words[2].isdigit() or len(words[2]) > 4:
         return None
-    return frames[1], frames[2:]
+    window = int(words[2])
+    return window if 1 <= window <= MAX_WINDOW else None
+
+
+def envelope(frames: list[bytes]) -> list[bytes]:
+    """A client message's envelope: its frames up to the first empty one, included."""
+    for number, frame in enumerate(frames):
+        if not frame:
+            return frames[: number + 1]
+    return []
+
+
+def error_reply(frames: list[bytes], reason: bytes, text: str) -> list[bytes]:
+    """The error reply to a request (see the module's docstring)."""
+    head = envelope(frames)
+    reply = [*head, ERROR, reason, text.encode()]
+    if reply == frames:
+        reply.append(b"")
+    return reply
