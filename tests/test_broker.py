@@ -365,9 +365,9 @@ def test_a_worker_started_before_its_broker(pool: Callable[..., Pool], context: 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["worker", "--window", "0"], "window must be between 1 and 1024"),
-        (["broker", "--request-timeout", "nan"], "request-timeout must be between 0.01 and 86400 seconds"),
-        (["broker", "--hold-timeout", "inf"], "hold-timeout must be between 0.01 and 86400 seconds"),
+        (["worker", "--window", "0"], "window 0 is not in 1-1024"),
+        (["broker", "--request-timeout", "nan"], "request-timeout must be a finite number, not nan"),
+        (["broker", "--hold-timeout", "inf"], "hold-timeout must be a finite number, not inf"),
         (["broker", "--max-message", "2000", "--client-bytes", "1000"], "max-message <= client-bytes"),
     ],
 )

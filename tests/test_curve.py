@@ -211,7 +211,7 @@ def rogue(
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server
     monitor = sock.get_monitor_socket()
     sock.connect(url)
-    sock.send_multipart([mew.PROTOCOL, mew.READY])
+    sock.send(mew.READY + b"1")  # MEW2 READY with a window of one
     return sock, monitor
 
 
