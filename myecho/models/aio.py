@@ -17,8 +17,8 @@ is the shared layer the select model has:
   flood cannot keep a new client out), as in the select model.
 
 Idle times come from a coarse clock, set by each housekeeping round, so
-that an echo costs no clock read: a connection's ``seen`` is the clock of
-the round before its last activity.
+that an echo costs no clock read: a connection's ``seen`` is the time it
+was made, then the clock of the round before its last activity.
 """
 
 from __future__ import annotations
@@ -71,7 +71,6 @@ class Echo(asyncio.Protocol):
     def __init__(self, server: AioServer, peer: str) -> None:
         self.server = server
         self.stats = server.rt.stats
-        self.seen = server.clock
         self.peer = peer
         self.nbytes = self.reads = 0
         self.why = ""  # set before the server closes it
@@ -80,7 +79,7 @@ class Echo(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         # Past this many bytes waiting for the client, pause_writing() below.
         self.transport.set_write_buffer_limits(high=self.server.rt.settings.buffer_limit)
-        self.opened = self.server.loop.time()
+        self.opened = self.seen = self.server.loop.time()  # a silence is never longer than the connection
         self.server.connections.add(self)
         self.stats.connection_opened()
 
