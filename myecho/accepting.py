@@ -15,6 +15,7 @@ import selectors
 import socket
 import struct
 import time
+from typing import Any, Protocol
 
 from myecho.runtime import Runtime
 
@@ -37,10 +38,18 @@ _TCPI_UNACKED = struct.Struct("=I")
 _TCPI_UNACKED_OFFSET = 24
 
 
+class Registry(Protocol):
+    """Where listeners are watched: a selector, or an event loop's readers behind the same two calls."""
+
+    def register(self, fileobj: socket.socket, events: int, data: Any = None) -> object: ...
+
+    def unregister(self, fileobj: socket.socket) -> object: ...
+
+
 class Acceptor:
     """Puts the runtime's listeners in and out of a selector, and accepts."""
 
-    def __init__(self, selector: selectors.BaseSelector, runtime: Runtime) -> None:
+    def __init__(self, selector: Registry, runtime: Runtime) -> None:
         self.selector = selector
         self.rt = runtime
         self.listening = False
@@ -127,6 +136,16 @@ class Pressure:
         if not queued or now - self.since < SHED_PATIENCE:
             return idle_timeout
         return min(idle_timeout, SHED_FLOOR)
+
+
+def idle_reason(idle_timeout: float) -> str:
+    """Why a connection silent for the whole idle timeout was closed."""
+    return f"idle for {idle_timeout:g} s"
+
+
+def shed_reason(silent: float, queued: int) -> str:
+    """Why a connection was shed, under pressure, before its idle timeout."""
+    return f"shed: silent {silent:.3f} s, the longest, while {queued} waited"
 
 
 def peer_name(address: object) -> str:

@@ -1,10 +1,9 @@
-"""The asyncio model's own settings: the loop it runs on and the idle timeout."""
+"""The asyncio model's own settings: the loop it runs on (its idle timeout: test_idle.py)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,29 +30,6 @@ def test_unknown_loop_in_the_settings_is_one_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == EXIT_BAD_CONFIG and len(lines) == 1, result.stderr
     assert "loop 'libev' is not auto, asyncio or uvloop" in lines[0]
-
-
-@pytest.mark.parametrize("model", ["asyncio", "asyncio-asyncio"])
-def test_idle_connection_is_closed_and_a_talking_one_is_not(serve: ServeFactory, model: str) -> None:
-    server = serve(model, "--idle-timeout", "1")
-    silent, talking = server.connect(), server.connect()
-    started = time.monotonic()
-    while time.monotonic() - started < 2.5:
-        assert roundtrip(talking, b"still here") == b"still here"
-        time.sleep(0.2)
-    silent.settimeout(5)
-    assert silent.recv(10) == b""  # closed by the server
-    assert roundtrip(talking, b"still here") == b"still here"
-    silent.close()
-    talking.close()
-
-
-def test_idle_timeout_zero_never_closes(serve: ServeFactory) -> None:
-    server = serve("asyncio", "--idle-timeout", "0")
-    sock = server.connect()
-    time.sleep(1.5)
-    assert roundtrip(sock, b"after a silence") == b"after a silence"
-    sock.close()
 
 
 def test_uvloop_missing(monkeypatch: pytest.MonkeyPatch) -> None:

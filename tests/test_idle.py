@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import ServeFactory
-from support import Server, roundtrip, wait_until
+from support import Server, roundtrip, wait_status, wait_until
 
 #: The size of the flood in the issue: idle sockets held open, never a byte sent.
 FLOOD = 2000
@@ -78,10 +78,14 @@ class ActiveClient(threading.Thread):
 MODELS = {
     "select": ("--max-connections", "100"),
     "fork": ("--max-children", "10"),
+    "asyncio": ("--max-connections", "100"),
+    "asyncio-asyncio": ("--max-connections", "100"),
 }
+#: The models with an idle timeout ("asyncio-asyncio": on asyncio's own loop).
+IDLE_MODELS = ("select", "fork", "fork-classic", "asyncio", "asyncio-asyncio")
 
 
-@pytest.mark.parametrize("model", ["select", "fork", "fork-classic"])
+@pytest.mark.parametrize("model", IDLE_MODELS)
 def test_a_silent_connection_is_closed_after_the_idle_timeout(serve: ServeFactory, model: str) -> None:
     server = serve(model, "--idle-timeout", "0.5")
     silent = server.connect()
@@ -93,19 +97,21 @@ def test_a_silent_connection_is_closed_after_the_idle_timeout(serve: ServeFactor
     assert closed_by_server(silent, within=3)
     assert time.monotonic() - started < 4
     assert roundtrip(talking, b"tock") == b"tock"
+    assert "1 closed idle" in wait_status(server, "closed idle")
     silent.close()
     talking.close()
 
 
-def test_idle_timeout_zero_means_never(serve: ServeFactory) -> None:
-    server = serve("select", "--idle-timeout", "0")
+@pytest.mark.parametrize("model", ["select", "asyncio"])
+def test_idle_timeout_zero_means_never(serve: ServeFactory, model: str) -> None:
+    server = serve(model, "--idle-timeout", "0")
     silent = server.connect()
     assert not closed_by_server(silent, within=1.5)
     assert roundtrip(silent, b"awake") == b"awake"
     silent.close()
 
 
-@pytest.mark.parametrize("model", ["select", "fork"])
+@pytest.mark.parametrize("model", MODELS)
 def test_a_new_client_is_served_through_an_idle_flood(serve: ServeFactory, model: str) -> None:
     """2,000 silent sockets against a full model: the new client gets its echo
     well within the idle timeout, and the client in an exchange is never shed."""
@@ -122,11 +128,12 @@ def test_a_new_client_is_served_through_an_idle_flood(serve: ServeFactory, model
             assert newcomer.recv(100) == b"let me in"
         waited = time.monotonic() - started
     assert waited < idle_timeout, f"served after {waited:.1f} s"
+    assert re.search(r"\b[1-9][0-9]* shed\b", wait_status(server, " shed"))
     assert active.stop() == "", "the active client was shed"
     assert active.exchanges > 10
 
 
-@pytest.mark.parametrize("model", ["select", "fork", "fork-classic"])
+@pytest.mark.parametrize("model", IDLE_MODELS)
 def test_debug_logs_one_line_per_connection(serve: ServeFactory, model: str) -> None:
     server = serve(model, "--log-level", "debug", "--idle-timeout", "0.3")
     with server.connect() as sock:
@@ -145,7 +152,7 @@ def test_debug_logs_one_line_per_connection(serve: ServeFactory, model: str) -> 
     )
 
 
-@pytest.mark.parametrize("model", ["select", "fork"])
+@pytest.mark.parametrize("model", ["select", "fork", "asyncio"])
 def test_no_connection_line_without_debug(serve: ServeFactory, model: str) -> None:
     server = serve(model)
     with server.connect() as sock:

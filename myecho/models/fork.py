@@ -54,6 +54,8 @@ from myecho.accepting import (
     Acceptor,
     Pressure,
     connection_ended,
+    idle_reason,
+    shed_reason,
 )
 from myecho.models.spawner import (
     HANDOVER,
@@ -477,7 +479,7 @@ class ForkServer:
             if self.rt.stopping or (0 < settings.idle_timeout <= now - waiting.since):
                 self.leave_lobby(waiting)
                 self.rt.stats.idle_closed += 1
-                self.lobby_closed(waiting, "stopping" if self.rt.stopping else f"idle for {settings.idle_timeout:g} s")
+                self.lobby_closed(waiting, "stopping" if self.rt.stopping else idle_reason(settings.idle_timeout))
             else:
                 break
         full = self.full() and not self.rt.stopping
@@ -490,10 +492,10 @@ class ForkServer:
         for seconds, busy in silent:
             if seconds >= settings.idle_timeout:
                 self.rt.stats.idle_closed += 1
-                self.end(busy, f"idle for {settings.idle_timeout:g} s")
+                self.end(busy, idle_reason(settings.idle_timeout))
             elif queued > 0 and seconds >= allowed:
                 self.rt.stats.shed += 1
-                self.end(busy, f"shed: silent {seconds:.3f} s, the longest, while {queued} waited")
+                self.end(busy, shed_reason(seconds, queued))
                 queued -= 1
             else:
                 break

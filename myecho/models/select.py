@@ -23,7 +23,16 @@ import socket
 import time
 from collections import OrderedDict
 
-from myecho.accepting import LISTENER, PRESSURE_POLL, Acceptor, Pressure, connection_ended, waiting
+from myecho.accepting import (
+    LISTENER,
+    PRESSURE_POLL,
+    Acceptor,
+    Pressure,
+    connection_ended,
+    idle_reason,
+    shed_reason,
+    waiting,
+)
 from myecho.runtime import Runtime
 from myecho.sockets import describe, raise_fd_limit
 
@@ -171,10 +180,10 @@ class SelectServer:
             silent = self.now - conn.activity
             if silent >= settings.idle_timeout:
                 self.rt.stats.idle_closed += 1
-                self.close(conn, f"idle for {settings.idle_timeout:g} s")
+                self.close(conn, idle_reason(settings.idle_timeout))
             elif queued > 0 and silent >= allowed:
                 self.rt.stats.shed += 1
-                self.close(conn, f"shed: silent {silent:.3f} s, the longest, while {queued} waited")
+                self.close(conn, shed_reason(silent, queued))
                 queued -= 1
             else:
                 wake = conn.activity + (allowed if queued > 0 else settings.idle_timeout) - self.now
