@@ -32,6 +32,7 @@ loses what it holds, as the zmq model's death does.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -41,13 +42,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from myecho import curve
-from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER
+from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, AcceptPause, bind_endpoints, connection_limit
 from myecho.models.zmq import bind as bind_listeners
 from myecho.patterns import heartbeat as mew
-from myecho.patterns.endpoints import BIND, attach
+from myecho.patterns.endpoints import BIND, EndpointError, attach
 from myecho.runtime import Runtime
 from myecho.settings import BROKER_BACKEND_PORT
-from myecho.sockets import format_address
+from myecho.sockets import ListenError, bind_tcp, format_address
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[zmq.Frame]
@@ -140,7 +141,8 @@ class Broker:
         # No ROUTER_HANDOVER: a second connection with a worker's identity is refused by libzmq.
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.MAXMSGSIZE, self.max_message + mew.ENVELOPE)
-        self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.front_monitor = self.frontend.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
+        self.accepting: AcceptPause | None = None  # the frontend's, once bound
         self.back_monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.send_frontend, self.send_backend = raw_send(self.frontend), raw_send(self.backend)
         self.workers: dict[bytes, Worker] = {}
@@ -525,6 +527,8 @@ class Broker:
                 event = recv_monitor_message(self.front_monitor, NOBLOCK)
             except zmq.Again:
                 return
+            if self.accepting is not None:
+                self.accepting.event(event)
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self.rt.stats.connection_opened()
             elif event["event"] == zmq.EVENT_DISCONNECTED:
@@ -532,11 +536,24 @@ class Broker:
 
     # -- the loop -------------------------------------------------------------
     def attach(self) -> tuple[list[str], list[str]]:
+        """Bind (or connect) both sockets. The frontend's listening sockets are
+        ours (systemd's, else one on host:port, as the zmq model's), so that
+        accepting can pause at the fd limit; URLs given are libzmq's own."""
         rt = self.rt
+        settings = rt.settings
         frontend, backend = default_endpoints(rt)
         front = [rt.listeners[n] for n in _roles(rt, "frontend")]
         back = [rt.listeners[n] for n in _roles(rt, "backend")]
-        front_where = bind_listeners(self.frontend, front, []) + attach(self.frontend, frontend, BIND)
+        if not front and not settings.broker_frontend:
+            try:
+                front, frontend = [bind_tcp(settings.host, settings.port, settings.backlog)], []
+            except ListenError as error:
+                raise EndpointError(str(error)) from None
+        if any(sock.family == socket.AF_INET6 for sock in front):
+            self.frontend.setsockopt(zmq.IPV6, 1)
+        endpoints = bind_endpoints(self.frontend, front, [])
+        self.accepting = AcceptPause(endpoints, rt.log, connection_limit(settings.backlog))
+        front_where = [endpoint.bound for endpoint in endpoints] + attach(self.frontend, frontend, BIND)
         back_where = bind_listeners(self.backend, back, []) + attach(self.backend, backend, BIND)
         rt.listeners = []
         return front_where, back_where
@@ -572,14 +589,17 @@ class Broker:
         poller.register(rt.signals.fileno(), zmq.POLLIN)
         frontend, backend = self.frontend, self.backend
         rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
+        accepting = self.accepting
+        assert accepting is not None
         quiet_since = None
         next_status = 0.0
+        resume_in = float("inf")
         while True:
             now = time.monotonic()
             wake = min([self.next_heartbeat, *self.probes[:1]])
             if self.unanswered:
                 wake = min(wake, self.next_tick)
-            wait = min(rt.timeout(), max(0.0, wake - now))
+            wait = min(rt.timeout(), max(0.0, wake - now), resume_in)
             if rt.stopping:
                 wait = min(wait, DRAIN_IDLE)
             events = dict(poller.poll(int(wait * 1000)))
@@ -596,7 +616,10 @@ class Broker:
                 rt.on_signals()
                 # Stopping: the clients keep their connections (an unbind would close them, and the
                 # replies in flight with them); new requests get the error reply, the others their answers.
+                if rt.stopping and not self.closing:
+                    accepting.close(frontend)  # no new connection: the door closed, not unbound
                 self.closing = rt.stopping
+            resume_in = float("inf") if self.closing else accepting.tick()
             if self.probes and now >= self.probes[0]:
                 self.probes.pop(0)
                 self.heartbeat()
@@ -638,6 +661,8 @@ class Broker:
         self.backend.close(linger=0)
         # At least a moment for the last replies (the error replies of give_up_all), at most a second.
         self.frontend.close(linger=int(min(max(linger, LAST_WORDS), 1.0) * 1000))
+        if self.accepting is not None:
+            self.accepting.finish()
 
 
 def serve(runtime: Runtime) -> None:
