@@ -43,7 +43,6 @@ from zmq.utils.monitor import recv_monitor_message
 
 from myecho import curve
 from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, AcceptPause, bind_endpoints, connection_limit
-from myecho.models.zmq import bind as bind_listeners
 from myecho.patterns import heartbeat as mew
 from myecho.patterns.endpoints import BIND, EndpointError, attach
 from myecho.runtime import Runtime
@@ -143,7 +142,8 @@ class Broker:
         self.backend.setsockopt(zmq.MAXMSGSIZE, self.max_message + mew.ENVELOPE)
         self.front_monitor = self.frontend.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
         self.accepting: AcceptPause | None = None  # the frontend's, once bound
-        self.back_monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.back_monitor = self.backend.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
+        self.back_accepting: AcceptPause | None = None  # the backend's: anyone may connect before CURVE says no
         self.send_frontend, self.send_backend = raw_send(self.frontend), raw_send(self.backend)
         self.workers: dict[bytes, Worker] = {}
         # Workers with credit left, by how many requests they hold; least recently used first.
@@ -517,6 +517,8 @@ class Broker:
                 event = recv_monitor_message(self.back_monitor, NOBLOCK)
             except zmq.Again:
                 break
+            if self.back_accepting is not None:
+                self.back_accepting.event(event)
             lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
         if lost:  # libzmq drops the pipe a few hops after the event: look now, then again
             now = time.monotonic()
@@ -536,27 +538,35 @@ class Broker:
 
     # -- the loop -------------------------------------------------------------
     def attach(self) -> tuple[list[str], list[str]]:
-        """Bind (or connect) both sockets. The frontend's listening sockets are
-        ours (systemd's, else one on host:port, as the zmq model's), so that
-        accepting can pause at the fd limit; URLs given are libzmq's own."""
+        """Bind (or connect) both sockets. Their listening sockets are ours
+        (systemd's, else one on host:port and host:11145, as the zmq model's),
+        so that accepting can pause at the fd limit; URLs given are libzmq's own."""
         rt = self.rt
         settings = rt.settings
         frontend, backend = default_endpoints(rt)
         front = [rt.listeners[n] for n in _roles(rt, "frontend")]
         back = [rt.listeners[n] for n in _roles(rt, "backend")]
-        if not front and not settings.broker_frontend:
-            try:
+        try:
+            if not front and not settings.broker_frontend:
                 front, frontend = [bind_tcp(settings.host, settings.port, settings.backlog)], []
-            except ListenError as error:
-                raise EndpointError(str(error)) from None
-        if any(sock.family == socket.AF_INET6 for sock in front):
-            self.frontend.setsockopt(zmq.IPV6, 1)
-        endpoints = bind_endpoints(self.frontend, front, [])
-        self.accepting = AcceptPause(endpoints, rt.log, connection_limit(settings.backlog))
-        front_where = [endpoint.bound for endpoint in endpoints] + attach(self.frontend, frontend, BIND)
-        back_where = bind_listeners(self.backend, back, []) + attach(self.backend, backend, BIND)
+            if not back and not settings.broker_backend:
+                back, backend = [bind_tcp(settings.host, BROKER_BACKEND_PORT, settings.backlog)], []
+        except ListenError as error:
+            raise EndpointError(str(error)) from None
+        limit = connection_limit(settings.backlog)
+        where = []
+        for sock, listeners, urls in ((self.frontend, front, frontend), (self.backend, back, backend)):
+            if any(listener.family == socket.AF_INET6 for listener in listeners):
+                sock.setsockopt(zmq.IPV6, 1)
+            endpoints = bind_endpoints(sock, listeners, [])
+            pause = AcceptPause(endpoints, rt.log, limit)
+            if sock is self.frontend:
+                self.accepting = pause
+            else:
+                self.back_accepting = pause
+            where.append([endpoint.bound for endpoint in endpoints] + attach(sock, urls, BIND))
         rt.listeners = []
-        return front_where, back_where
+        return where[0], where[1]
 
     def status(self) -> None:
         count = len(self.workers)
@@ -589,8 +599,8 @@ class Broker:
         poller.register(rt.signals.fileno(), zmq.POLLIN)
         frontend, backend = self.frontend, self.backend
         rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
-        accepting = self.accepting
-        assert accepting is not None
+        accepting, back_accepting = self.accepting, self.back_accepting
+        assert accepting is not None and back_accepting is not None
         quiet_since = None
         next_status = 0.0
         resume_in = float("inf")
@@ -619,7 +629,9 @@ class Broker:
                 if rt.stopping and not self.closing:
                     accepting.close(frontend)  # no new connection: the door closed, not unbound
                 self.closing = rt.stopping
-            resume_in = float("inf") if self.closing else accepting.tick()
+            resume_in = back_accepting.tick()
+            if not self.closing:
+                resume_in = min(resume_in, accepting.tick())
             if self.probes and now >= self.probes[0]:
                 self.probes.pop(0)
                 self.heartbeat()
@@ -661,8 +673,9 @@ class Broker:
         self.backend.close(linger=0)
         # At least a moment for the last replies (the error replies of give_up_all), at most a second.
         self.frontend.close(linger=int(min(max(linger, LAST_WORDS), 1.0) * 1000))
-        if self.accepting is not None:
-            self.accepting.finish()
+        for pause in (self.accepting, self.back_accepting):
+            if pause is not None:
+                pause.finish()
 
 
 def serve(runtime: Runtime) -> None:
