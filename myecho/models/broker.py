@@ -27,6 +27,10 @@ comes, the reply's when it is forwarded. A limit reached costs only the
 request that reached it (its error reply), is counted in STATUS and logged
 at most every ten seconds. What this does not cover: the broker's own death
 loses what it holds, as the zmq model's death does.
+
+At the file-descriptor limit neither socket spins: both listen on sockets
+of ours (systemd's, else host:port and host:11145) and pause accepting as
+the zmq model does (``AcceptPause``); endpoints given as URLs are libzmq's.
 """
 
 from __future__ import annotations
