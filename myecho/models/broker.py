@@ -27,11 +27,16 @@ comes, the reply's when it is forwarded. A limit reached costs only the
 request that reached it (its error reply), is counted in STATUS and logged
 at most every ten seconds. What this does not cover: the broker's own death
 loses what it holds, as the zmq model's death does.
+
+At the file-descriptor limit neither socket spins: both listen on sockets
+of ours (systemd's, else host:port and host:11145) and pause accepting as
+the zmq model does (``AcceptPause``); endpoints given as URLs are libzmq's.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
@@ -41,13 +46,12 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from myecho import curve
-from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER
-from myecho.models.zmq import bind as bind_listeners
+from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, AcceptPause, bind_endpoints, connection_limit
 from myecho.patterns import heartbeat as mew
-from myecho.patterns.endpoints import BIND, attach
+from myecho.patterns.endpoints import BIND, EndpointError, attach
 from myecho.runtime import Runtime
 from myecho.settings import BROKER_BACKEND_PORT
-from myecho.sockets import format_address
+from myecho.sockets import ListenError, bind_tcp, format_address
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[zmq.Frame]
@@ -140,8 +144,10 @@ class Broker:
         # No ROUTER_HANDOVER: a second connection with a worker's identity is refused by libzmq.
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.setsockopt(zmq.MAXMSGSIZE, self.max_message + mew.ENVELOPE)
-        self.front_monitor = self.frontend.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.back_monitor = self.backend.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.front_monitor = self.frontend.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
+        self.accepting: AcceptPause | None = None  # the frontend's, once bound
+        self.back_monitor = self.backend.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
+        self.back_accepting: AcceptPause | None = None  # the backend's: anyone may connect before CURVE says no
         self.send_frontend, self.send_backend = raw_send(self.frontend), raw_send(self.backend)
         self.workers: dict[bytes, Worker] = {}
         # Workers with credit left, by how many requests they hold; least recently used first.
@@ -515,6 +521,8 @@ class Broker:
                 event = recv_monitor_message(self.back_monitor, NOBLOCK)
             except zmq.Again:
                 break
+            if self.back_accepting is not None:
+                self.back_accepting.event(event)
             lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
         if lost:  # libzmq drops the pipe a few hops after the event: look now, then again
             now = time.monotonic()
@@ -525,6 +533,8 @@ class Broker:
                 event = recv_monitor_message(self.front_monitor, NOBLOCK)
             except zmq.Again:
                 return
+            if self.accepting is not None:
+                self.accepting.event(event)
             if event["event"] == zmq.EVENT_ACCEPTED:
                 self.rt.stats.connection_opened()
             elif event["event"] == zmq.EVENT_DISCONNECTED:
@@ -532,14 +542,35 @@ class Broker:
 
     # -- the loop -------------------------------------------------------------
     def attach(self) -> tuple[list[str], list[str]]:
+        """Bind (or connect) both sockets. Their listening sockets are ours
+        (systemd's, else one on host:port and host:11145, as the zmq model's),
+        so that accepting can pause at the fd limit; URLs given are libzmq's own."""
         rt = self.rt
+        settings = rt.settings
         frontend, backend = default_endpoints(rt)
         front = [rt.listeners[n] for n in _roles(rt, "frontend")]
         back = [rt.listeners[n] for n in _roles(rt, "backend")]
-        front_where = bind_listeners(self.frontend, front, []) + attach(self.frontend, frontend, BIND)
-        back_where = bind_listeners(self.backend, back, []) + attach(self.backend, backend, BIND)
+        try:
+            if not front and not settings.broker_frontend:
+                front, frontend = [bind_tcp(settings.host, settings.port, settings.backlog)], []
+            if not back and not settings.broker_backend:
+                back, backend = [bind_tcp(settings.host, BROKER_BACKEND_PORT, settings.backlog)], []
+        except ListenError as error:
+            raise EndpointError(str(error)) from None
+        limit = connection_limit(settings.backlog)
+        where = []
+        for sock, listeners, urls in ((self.frontend, front, frontend), (self.backend, back, backend)):
+            if any(listener.family == socket.AF_INET6 for listener in listeners):
+                sock.setsockopt(zmq.IPV6, 1)
+            endpoints = bind_endpoints(sock, listeners, [])
+            pause = AcceptPause(endpoints, rt.log, limit)
+            if sock is self.frontend:
+                self.accepting = pause
+            else:
+                self.back_accepting = pause
+            where.append([endpoint.bound for endpoint in endpoints] + attach(sock, urls, BIND))
         rt.listeners = []
-        return front_where, back_where
+        return where[0], where[1]
 
     def status(self) -> None:
         count = len(self.workers)
@@ -572,14 +603,17 @@ class Broker:
         poller.register(rt.signals.fileno(), zmq.POLLIN)
         frontend, backend = self.frontend, self.backend
         rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
+        accepting, back_accepting = self.accepting, self.back_accepting
+        assert accepting is not None and back_accepting is not None
         quiet_since = None
         next_status = 0.0
+        resume_in = float("inf")
         while True:
             now = time.monotonic()
             wake = min([self.next_heartbeat, *self.probes[:1]])
             if self.unanswered:
                 wake = min(wake, self.next_tick)
-            wait = min(rt.timeout(), max(0.0, wake - now))
+            wait = min(rt.timeout(), max(0.0, wake - now), resume_in)
             if rt.stopping:
                 wait = min(wait, DRAIN_IDLE)
             events = dict(poller.poll(int(wait * 1000)))
@@ -596,7 +630,12 @@ class Broker:
                 rt.on_signals()
                 # Stopping: the clients keep their connections (an unbind would close them, and the
                 # replies in flight with them); new requests get the error reply, the others their answers.
+                if rt.stopping and not self.closing:
+                    accepting.close(frontend)  # no new connection: the door closed, not unbound
                 self.closing = rt.stopping
+            resume_in = back_accepting.tick()
+            if not self.closing:
+                resume_in = min(resume_in, accepting.tick())
             if self.probes and now >= self.probes[0]:
                 self.probes.pop(0)
                 self.heartbeat()
@@ -638,6 +677,9 @@ class Broker:
         self.backend.close(linger=0)
         # At least a moment for the last replies (the error replies of give_up_all), at most a second.
         self.frontend.close(linger=int(min(max(linger, LAST_WORDS), 1.0) * 1000))
+        for pause in (self.accepting, self.back_accepting):
+            if pause is not None:
+                pause.finish()
 
 
 def serve(runtime: Runtime) -> None:

@@ -24,6 +24,8 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -65,6 +67,8 @@ class EchoWorker:
         self.log = runtime.log if runtime is not None else logging.getLogger("myecho")
         self.stats = runtime.stats if runtime is not None else Stats()
         self.sock: zmq.Socket[bytes] | None = None
+        self.recv: Callable[..., Any] = self.say  # the socket's recv and send (raw_send), bound in open()
+        self.send: Callable[..., Any] = self.say
         self.poller = zmq.Poller()
         if runtime is not None:
             self.poller.register(runtime.signals.fileno(), zmq.POLLIN)
@@ -87,6 +91,7 @@ class EchoWorker:
         sock.setsockopt(zmq.LINGER, 0)
         where = attach(sock, [self.action + self.url], CONNECT)
         self.sock = sock
+        self.recv, self.send = sock.recv, raw_send(sock)
         self.poller.register(sock, zmq.POLLIN)
         self.say(mew.READY + self.hello)
         self.heard = time.monotonic()
@@ -107,7 +112,7 @@ class EchoWorker:
     def work(self) -> bool:
         """Echo what the broker sent, each frame sent on as it is read; True if it said anything."""
         assert self.sock is not None
-        recv, send = self.sock.recv, raw_send(self.sock)
+        recv, send = self.recv, self.send
         stats = self.stats
         count = 0
         while count < BATCH:
