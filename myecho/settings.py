@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: The contract's ports (DESIGN.md); the talk used 11138, 11141 and 11142.
+#: Each model's port, fixed for admins and outside checks; the talk used 11138, 11141 and 11142.
 DEFAULT_PORTS = {
     "inetd": 11138,
     "fork": 11139,

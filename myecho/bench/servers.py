@@ -28,7 +28,7 @@ from myecho import reference
 from myecho.bench import procs
 from myecho.settings import DEFAULT_PORTS
 
-#: The contract's ports (DESIGN.md) for ``--installed``; inetd by systemd is 11143.
+#: The packaged units' ports for ``--installed``; inetd by systemd is 11143.
 INSTALLED_PORTS = {
     "c": DEFAULT_PORTS["c"],
     "inetd-xinetd": DEFAULT_PORTS["inetd"],

@@ -296,7 +296,7 @@ def pipeline_rate(workers: int = 2, jobs: int = 20000, transport: str = "ipc") -
 
 
 def report(seconds: float = 2.0, clients: int = 4) -> dict[str, Any]:
-    """Every figure of the issue's closing note, from one run."""
+    """Every figure at once: the broker beside the zmq model, a worker crash, the pipeline."""
     return {
         "throughput": [zmq_throughput(clients, seconds)] + [broker_throughput(n, clients, seconds) for n in (1, 2, 4)],
         "crash": [crash_cost("kill"), crash_cost("hang")],

@@ -3,8 +3,8 @@
 Why: the package ships systemd units that only a real systemd can check, and
 CI machines do not run systemd as PID 1.  ``systemd-nspawn --boot`` on an
 overlay of a cached rootfs gives a freshly booted bookworm in a second or two,
-cheap enough for one per test.  The facts behind each step are in
-shared/notes/systemd-in-a-container.md.
+cheap enough for one per test.  Each step below says why it is needed
+(what fails without it, on a host whose PID 1 is not systemd).
 """
 
 from __future__ import annotations

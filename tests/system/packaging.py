@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
 BUILD_DEB = REPO / "tools" / "build-deb"
 
-#: The contract's ports (shared/DESIGN.md).
+#: The packaged units' ports (the README's table).
 PORTS = {"inetd-xinetd": 11138, "fork": 11139, "select": 11140, "zmq": 11141, "c": 11142, "inetd": 11143,
          "asyncio": 11150}
 MODELS = ("fork", "select", "asyncio", "zmq", "c")

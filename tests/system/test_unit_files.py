@@ -90,7 +90,7 @@ def test_source_units_verify(tmp_path: Path) -> None:
 
 
 def test_socket_instance_needs_its_drop_in(tmp_path: Path) -> None:
-    """DESIGN.md: a model without a listen.conf is refused, on purpose."""
+    """A model without a listen.conf is refused, on purpose (systemd: "bad unit file setting")."""
     assert "bad unit file setting" in _verify(tmp_path, ["myecho@nosuch.socket"])
 
 
