@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -301,6 +302,40 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
+
+
+def limit_fds_to_128() -> None:
+    """``preexec_fn`` for a server that must reach its fd limit quickly."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+
+def assert_pauses_at_the_fd_limit(server: Server, port: int) -> None:
+    """150 idle TCP connections to ``port`` (more than a server limited to
+    128 descriptors can hold; never a byte sent): it must say "accepting
+    paused" and spend under 0.3 s of CPU in 2 s (not retry a failed
+    accept() at once, for ever). The connections are closed on return."""
+    raw: list[socket.socket] = []
+    try:
+        for number in range(150):
+            if number % 8 == 0:
+                time.sleep(0.02)  # in waves the backlog of 16 takes
+            sock = socket.socket()
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.connect(("127.0.0.1", port))
+            raw.append(sock)
+        with contextlib.suppress(AssertionError):  # checked below, after the CPU
+            wait_until(lambda: "accepting paused" in server.stderr, timeout=8, what="accepting paused")
+        time.sleep(0.5)
+        cpu_before = cpu_seconds(server.proc.pid)
+        time.sleep(2)
+        spent = cpu_seconds(server.proc.pid) - cpu_before
+        assert spent < 0.3, f"the server spun for {spent:.2f} s of CPU at the fd limit"
+        assert server.proc.poll() is None
+        assert "accepting paused" in server.stderr
+    finally:
+        for sock in raw:
+            sock.close()
 
 
 def cpu_seconds(pid: int) -> float:

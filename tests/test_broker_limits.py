@@ -2,52 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 import shutil
-import socket
-import time
 from pathlib import Path
 
 import zmq
-from support import NotifySocket, Server, command, cpu_seconds, free_port, req, wait_until
+from support import NotifySocket, Server, assert_pauses_at_the_fd_limit, command, free_port, limit_fds_to_128, req
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
 
-def _limit_fds_to_128() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
-
 def _flood(broker: Server, port: int, front: int, context: Context) -> None:
-    """150 idle TCP connections to ``port`` (more than 128 descriptors could
-    hold; never a byte sent): the broker stops accepting below the limit and
-    does not spin (before, libzmq's I/O thread retried its failed accept()
-    at once, for ever, a whole core); it serves a client on ``front`` again
-    once they have gone."""
-    raw: list[socket.socket] = []
-    try:
-        for number in range(150):
-            if number % 8 == 0:
-                time.sleep(0.02)  # in waves the backlog of 16 takes
-            sock = socket.socket()
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                sock.connect(("127.0.0.1", port))
-            raw.append(sock)
-        with contextlib.suppress(AssertionError):  # checked below, after the CPU
-            wait_until(lambda: "accepting paused" in broker.stderr, timeout=8, what="accepting paused")
-        time.sleep(0.5)
-        cpu_before = cpu_seconds(broker.proc.pid)
-        time.sleep(2)
-        spent = cpu_seconds(broker.proc.pid) - cpu_before
-        assert spent < 0.3, f"the broker spun for {spent:.2f} s of CPU at the fd limit"
-        assert broker.proc.poll() is None
-        assert "accepting paused" in broker.stderr
-    finally:
-        for sock in raw:
-            sock.close()
+    """The broker stops accepting on ``port`` below its fd limit without
+    spinning, then serves a client on ``front`` again once the idle
+    connections have gone."""
+    assert_pauses_at_the_fd_limit(broker, port)
     client = req(context, f"tcp://127.0.0.1:{front}")  # accepting again once they left
     client.send(b"back")
     assert client.recv() == b"back"
@@ -60,7 +29,7 @@ def test_at_the_fd_limit_the_broker_pauses_accepting_without_spinning(tmp_path: 
     broker = Server(
         [command("myecho"), "serve", "broker", "--port", str(port), "--backend", backend, "--backlog", "16"],
         port,
-        preexec_fn=_limit_fds_to_128,
+        preexec_fn=limit_fds_to_128,
     )
     worker = Server([command("myecho"), "serve", "worker", "--connect", backend], 0)
     context: Context = zmq.Context()
@@ -99,7 +68,7 @@ def test_at_the_fd_limit_the_backend_pauses_too() -> None:
         "--backlog",
         "16",
     ]
-    broker = Server(argv, front, notify=False, preexec_fn=_limit_fds_to_128)
+    broker = Server(argv, front, notify=False, preexec_fn=limit_fds_to_128)
     worker = Server([command("myecho"), "serve", "worker", "--connect", f"tcp://127.0.0.1:{back}"], 0)
     context: Context = zmq.Context()
     try:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import contextlib
 import errno
 import re
-import resource
 import socket
 import threading
 import time
 
 import zmq
 from conftest import ServeFactory
-from support import Server, command, cpu_seconds, free_port, req, rss_kib, wait_status, wait_until
+from support import (
+    Server,
+    assert_pauses_at_the_fd_limit,
+    command,
+    free_port,
+    limit_fds_to_128,
+    req,
+    rss_kib,
+    wait_status,
+    wait_until,
+)
 
 Context = zmq.Context[zmq.Socket[bytes]]
 MIB = 1024 * 1024
@@ -85,44 +94,19 @@ def test_a_client_that_sends_2_gib_and_never_reads(serve: ServeFactory) -> None:
     assert "unread replies reached 16 MiB" in server.stderr
 
 
-def _limit_fds_to_128() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
-
-
 def test_at_the_fd_limit_accepting_pauses_without_spinning() -> None:
     port = free_port()
     limited = Server([command("myecho"), "serve", "zmq", "--port", str(port), "--backlog", "16"], port,
-                     preexec_fn=_limit_fds_to_128)
-    raw: list[socket.socket] = []
+                     preexec_fn=limit_fds_to_128)
     context: Context = zmq.Context()
     try:
         limited.wait_ready()
-        for number in range(150):  # more than 128 descriptors could hold; never a byte sent
-            if number % 8 == 0:
-                time.sleep(0.02)  # in waves the backlog of 16 takes
-            sock = socket.socket()
-            sock.setblocking(False)
-            with contextlib.suppress(BlockingIOError):
-                sock.connect(("127.0.0.1", port))
-            raw.append(sock)
-        with contextlib.suppress(AssertionError):  # checked below, after the CPU
-            wait_until(lambda: "accepting paused" in limited.stderr, timeout=8, what="accepting paused")
-        time.sleep(0.5)
-        cpu_before = cpu_seconds(limited.proc.pid)
-        time.sleep(2)
-        spent = cpu_seconds(limited.proc.pid) - cpu_before
-        assert spent < 0.3, f"the server spun for {spent:.2f} s of CPU at the fd limit"
-        assert limited.proc.poll() is None
-        assert "accepting paused" in limited.stderr
-        for sock in raw:
-            sock.close()
+        assert_pauses_at_the_fd_limit(limited, port)
         client = req(context, f"tcp://127.0.0.1:{port}")  # accepting again once they left
         client.send(b"back")
         assert client.recv() == b"back"
         assert limited.stop() == 0
     finally:
-        for sock in raw:
-            sock.close()
         context.destroy(linger=0)
         limited.kill()
 
