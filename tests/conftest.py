@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from support import Server, command, free_port
@@ -47,3 +48,18 @@ def serve() -> Iterator[ServeFactory]:
         with contextlib.suppress(AssertionError):
             server.stop(timeout=10)
         server.kill()
+
+
+if TYPE_CHECKING:
+    import zmq
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[Any]]:
+    """A ZeroMQ context for the test's clients, destroyed after it (zmq is
+    imported here: the system suite's environment has no pyzmq)."""
+    import zmq
+
+    ctx: zmq.Context[Any] = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)

@@ -81,12 +81,6 @@ def pool() -> Iterator[Callable[..., Pool]]:
         server.kill()
 
 
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx: Context = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
 
 def dealer(ctx: Context, url: str) -> zmq.Socket[bytes]:
     sock = ctx.socket(zmq.DEALER)

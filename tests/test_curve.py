@@ -185,12 +185,6 @@ def cluster(keys: Keys) -> Iterator[Cluster]:
             server.kill()
 
 
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx: Context = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
-
 
 def test_an_allowed_worker_echoes(cluster: Cluster, context: Context) -> None:
     client = req(context, cluster.front)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,6 @@ from myecho.patterns.endpoints import EndpointError, attach, split
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
-
-@pytest.fixture
-def context() -> Iterator[Context]:
-    ctx: Context = zmq.Context()
-    yield ctx
-    ctx.destroy(linger=0)
 
 
 class Thread(threading.Thread):

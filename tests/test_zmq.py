@@ -20,12 +20,6 @@ from support import Server, command, random_bytes, req, wait_until
 Context = zmq.Context[zmq.Socket[bytes]]
 
 
-@pytest.fixture
-def context() -> Context:
-    ctx: Context = zmq.Context()
-    yield ctx  # type: ignore[misc]
-    ctx.destroy(linger=0)
-
 
 def test_the_talks_exchange(serve: ServeFactory, context: Context) -> None:
     server = serve("zmq")
