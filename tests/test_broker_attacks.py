@@ -19,8 +19,7 @@ from test_broker import Pool, dealer
 from myecho.patterns import heartbeat as mew
 
 Context = zmq.Context[zmq.Socket[bytes]]
-pool = test_broker.pool  # the fixtures, shared
-context = test_broker.context
+pool = test_broker.pool  # the fixture, shared (context comes from conftest.py)
 SLOW_BEATS = ["--heartbeat", "5"]  # fakes send no heartbeats: silence must not be what drops them
 
 
