@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from myecho.settings import EXIT_BAD_CONFIG, check_file
+from myecho.core.settings import EXIT_BAD_CONFIG, check_file
 
 
 def save_copy(source: Path, copy: Path) -> None:

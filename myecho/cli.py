@@ -28,7 +28,7 @@ MODEL_HELP = {
     "worker": "one echo worker for a broker, on any host",
 }
 DEFAULT_CONFIG = "/etc/default/myecho"
-EXIT_BAD_CONFIG = 78  # myecho.settings.EXIT_BAD_CONFIG, without importing it on the inetd path
+EXIT_BAD_CONFIG = 78  # myecho.core.settings.EXIT_BAD_CONFIG, without importing it on the inetd path
 IDLE_HELP = (
     "close a connection silent for SECONDS (default: 300; 0: never); at the connection limit, with more "
     "waiting, the idlest connection is closed first"
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     import argparse
 
     from myecho import __version__
-    from myecho.settings import BROKER_BACKEND_PORT, DEFAULT_PORTS, option_type
+    from myecho.core.settings import BROKER_BACKEND_PORT, DEFAULT_PORTS, option_type
 
     class Parser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
@@ -385,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_client(options.address, zmq=options.zmq, timeout=options.timeout)
     if options.command == "keygen":
-        from myecho.curve import keygen_main
+        from myecho.core.curve import keygen_main
 
         return keygen_main(options.directory, options.name)
     if options.command != "serve":

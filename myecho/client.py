@@ -11,7 +11,7 @@ import socket
 import sys
 import threading
 
-from myecho.echo import CHUNK, write_all
+from myecho.core.echo import CHUNK, write_all
 
 
 def split_address(address: str) -> tuple[str, int]:

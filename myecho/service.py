@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from myecho import prefork
-from myecho.daemon import PidfileError, StartReport, daemonize
+from myecho.core import prefork
+from myecho.core.daemon import PidfileError, StartReport, daemonize
+from myecho.core.endpoints import EndpointError
+from myecho.core.runtime import Runtime
+from myecho.core.settings import EXIT_BAD_CONFIG, Settings, SettingsError, load
+from myecho.core.sockets import ListenError, broker_roles, from_systemd, from_systemd_named, listening_sockets
+from myecho.core.systemd import Notifier, setup_logging
 from myecho.models import MODELS, WORKER_MODELS
-from myecho.patterns.endpoints import EndpointError
-from myecho.runtime import Runtime
-from myecho.settings import EXIT_BAD_CONFIG, Settings, SettingsError, load
-from myecho.sockets import ListenError, broker_roles, from_systemd, from_systemd_named, listening_sockets
-from myecho.systemd import Notifier, setup_logging
 
 
 def make_settings(options: dict[str, Any]) -> Settings:

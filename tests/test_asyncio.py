@@ -10,7 +10,7 @@ import pytest
 from conftest import ServeFactory, server_argv
 from support import free_port, roundtrip
 
-from myecho.settings import EXIT_BAD_CONFIG
+from myecho.core.settings import EXIT_BAD_CONFIG
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -35,8 +35,8 @@ def test_unknown_loop_in_the_settings_is_one_line(tmp_path: Path) -> None:
 def test_uvloop_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto falls back to asyncio's loop; asking for uvloop is a settings error,
     for the asyncio model only (the file is shared by every model)."""
+    from myecho.core.settings import Settings, SettingsError
     from myecho.models.aio import new_loop
-    from myecho.settings import Settings, SettingsError
 
     monkeypatch.setitem(sys.modules, "uvloop", None)  # what an import finds when it is not installed
     with pytest.raises(SettingsError, match="uvloop is not installed"):

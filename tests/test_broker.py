@@ -20,7 +20,7 @@ import pytest
 import zmq
 from support import NotifySocket, Server, command, free_port, random_bytes, req, wait_status
 
-from myecho.patterns import measure
+from myecho.bench import measure
 
 Context = zmq.Context[zmq.Socket[bytes]]
 FAST = ["--heartbeat", "0.2", "--liveness", "3"]  # a dead worker is noticed in 0.6 s
@@ -293,9 +293,9 @@ def test_inproc_everything_in_one_process() -> None:
         import json, os, signal, threading, zmq
         from myecho.models.broker import Broker
         from myecho.models.worker import EchoWorker
-        from myecho.patterns.heartbeat import Timing
-        from myecho.runtime import Runtime
-        from myecho.settings import Settings
+        from myecho.models.mew import Timing
+        from myecho.core.runtime import Runtime
+        from myecho.core.settings import Settings
         ctx = zmq.Context.instance()
         settings = Settings(model="broker", broker_frontend=["inproc://front"], broker_backend=["inproc://back"])
         runtime = Runtime(settings, [])
@@ -328,7 +328,7 @@ def test_inproc_everything_in_one_process() -> None:
 
 
 def test_kill_under_load_nothing_lost_nothing_twice() -> None:
-    """Four client processes, two workers, one SIGKILLed mid-run (myecho.patterns.measure)."""
+    """Four client processes, two workers, one SIGKILLed mid-run (myecho.bench.measure)."""
     result = measure.crash_cost("kill", workers=2, clients=4, seconds=1.5, heartbeat=0.2)
     assert result["answered"] == result["sent"] > 100
     assert (result["lost"], result["duplicates"], result["strays"]) == (0, 0, 0)

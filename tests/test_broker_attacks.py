@@ -16,7 +16,7 @@ import zmq
 from support import req, wait_status
 from test_broker import Pool, dealer
 
-from myecho.patterns import heartbeat as mew
+from myecho.models import mew
 
 Context = zmq.Context[zmq.Socket[bytes]]
 pool = test_broker.pool  # the fixture, shared (context comes from conftest.py)

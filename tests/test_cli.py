@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from support import command
 
+from myecho.core.settings import SettingsError
 from myecho.service import make_settings
-from myecho.settings import SettingsError
 
 COMMANDS = [
     ["myecho"], ["myecho", "serve"], ["myecho", "serve", "inetd"], ["myecho", "serve", "fork"],
@@ -106,7 +106,7 @@ def test_broker_and_worker_settings_from_the_file(tmp_path: Path) -> None:
 
 
 def test_which_of_systemds_sockets_is_the_brokers_backend() -> None:
-    from myecho.sockets import broker_roles
+    from myecho.core.sockets import broker_roles
 
     assert broker_roles(["backend", "frontend"]) == ["backend", "frontend"]
     assert broker_roles(["backend"]) == ["backend"]
@@ -116,6 +116,7 @@ def test_which_of_systemds_sockets_is_the_brokers_backend() -> None:
 
 
 def test_the_bad_config_status_is_one_number() -> None:
-    from myecho import cli, settings
+    from myecho import cli
+    from myecho.core import settings
 
     assert cli.EXIT_BAD_CONFIG == settings.EXIT_BAD_CONFIG == 78  # sysexits.h EX_CONFIG, in the units too

@@ -22,7 +22,7 @@ import zmq.auth
 from support import Server, command, free_port, req, wait_until
 from zmq.utils.monitor import recv_monitor_message
 
-from myecho.patterns import heartbeat as mew
+from myecho.models import mew
 
 Context = zmq.Context[zmq.Socket[bytes]]
 BEATS = ["--heartbeat", "0.2", "--liveness", "3"]

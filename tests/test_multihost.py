@@ -85,7 +85,7 @@ class Hosts:
 
     def clients(self, count: int, seconds: float) -> tuple[list[subprocess.Popen[bytes]], float]:
         start_at = time.time() + 1.5
-        argv = self.argv("clients", sys.executable, "-m", "myecho.patterns.measure", "client",
+        argv = self.argv("clients", sys.executable, "-m", "myecho.bench.measure", "client",
                          f"tcp://{BROKER}:11144", "--seconds", str(seconds), "--start-at", repr(start_at))
         return [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(count)], start_at
 

@@ -13,8 +13,9 @@ import pytest
 import zmq
 from support import command, free_port
 
-from myecho.patterns import measure, pipeline, pubsub
-from myecho.patterns.endpoints import EndpointError, attach, split
+from myecho.bench import measure
+from myecho.core.endpoints import EndpointError, attach, split
+from myecho.patterns import pipeline, pubsub
 
 Context = zmq.Context[zmq.Socket[bytes]]
 

@@ -18,8 +18,7 @@ import pytest
 from conftest import ServeFactory
 from support import Server, command, roundtrip, wait_until
 
-from myecho.service import make_settings
-from myecho.settings import (
+from myecho.core.settings import (
     EXIT_BAD_CONFIG,
     LIMITS,
     Settings,
@@ -30,6 +29,7 @@ from myecho.settings import (
     load,
     read_file,
 )
+from myecho.service import make_settings
 
 
 def write(tmp_path: Path, text: str | bytes) -> Path:

@@ -147,7 +147,7 @@ def test_bad_config_on_reload_keeps_the_old_settings(serve: ServeFactory, tmp_pa
 
 def test_journald_is_used_when_stderr_is_the_journal() -> None:
     code = (
-        "import os, sys; from myecho import systemd as s;"
+        "import os, sys; from myecho.core import systemd as s;"
         "st = os.fstat(2); os.environ['JOURNAL_STREAM'] = f'{st.st_dev}:{st.st_ino}';"
         "log = s.setup_logging('select'); print(type(log.handlers[0]).__name__)"
     )
@@ -163,7 +163,7 @@ def test_sdnotify_is_the_fallback_without_python_systemd(tmp_path: Path) -> None
     blocker = tmp_path / "systemd"
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-    code = "from myecho.systemd import Notifier; n = Notifier(); n.ready('via sdnotify')"
+    code = "from myecho.core.systemd import Notifier; n = Notifier(); n.ready('via sdnotify')"
     env = dict(os.environ, NOTIFY_SOCKET=notify.path, PYTHONPATH=str(tmp_path))
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=10)
     assert notify.wait_for("READY", "1", timeout=5)["STATUS"] == "via sdnotify"

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from support import command
 
-from myecho import reference, sockets
-from myecho.systemd import Notifier
+from myecho import reference
+from myecho.core import sockets
+from myecho.core.systemd import Notifier
 
 
 def test_describe_a_closed_socket() -> None:
@@ -25,7 +26,7 @@ def test_describe_a_closed_socket() -> None:
 
 
 def test_fd_limit_is_raised_to_the_hard_limit() -> None:
-    code = ("import resource; from myecho.sockets import raise_fd_limit;"
+    code = ("import resource; from myecho.core.sockets import raise_fd_limit;"
             "s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"
             "resource.setrlimit(resource.RLIMIT_NOFILE, (64, h)); print(raise_fd_limit() == h)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10)
@@ -47,7 +48,7 @@ def test_no_notifier_at_all_only_warns(tmp_path: Path, capsys: pytest.CaptureFix
     for name in ("systemd", "sdnotify"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-    code = "from myecho.systemd import Notifier; n = Notifier(); n.ready('x'); print(n.enabled)"
+    code = "from myecho.core.systemd import Notifier; n = Notifier(); n.ready('x'); print(n.enabled)"
     env = dict(os.environ, PYTHONPATH=str(tmp_path), NOTIFY_SOCKET="/nonexistent")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=10)
     assert result.stdout.strip() == "False"

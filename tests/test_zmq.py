@@ -147,8 +147,8 @@ def test_inproc_endpoint_in_process() -> None:
     code = textwrap.dedent("""
         import threading, zmq
         from myecho.models.zmq import ZmqServer
-        from myecho.runtime import Runtime
-        from myecho.settings import Settings
+        from myecho.core.runtime import Runtime
+        from myecho.core.settings import Settings
         ctx = zmq.Context.instance()
         runtime = Runtime(Settings(model="zmq", listen=["inproc://echo"]), [])
         server = ZmqServer(runtime, ctx)

@@ -238,7 +238,7 @@ PIPELINE_FIELDS = (
 
 def run_pipeline(settings: Settings, progress: Progress) -> list[dict[str, Any]]:
     """The pipeline's jobs per second with 1, 2 and 4 workers (ipc), each job checked done exactly once."""
-    from myecho.patterns.measure import pipeline_rate
+    from myecho.bench.measure import pipeline_rate
 
     jobs = 5_000 if settings.ramp_limit <= 1_000 else 20_000
     runs = []

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from myecho import reference
 from myecho.bench import procs
-from myecho.settings import DEFAULT_PORTS
+from myecho.core.settings import DEFAULT_PORTS
 
 #: The packaged units' ports for ``--installed``; inetd by systemd is 11143.
 INSTALLED_PORTS = {

@@ -4,7 +4,7 @@ An event library runs the loop and calls us back: an ``asyncio.Protocol``
 per connection, on uvloop's loop (libuv, the C event library behind
 Node.js) when it is installed, else on asyncio's own. What sits around it
 is the shared layer the select model has:
-- listening sockets from myecho.sockets (systemd's, or bound), accepted
+- listening sockets from myecho.core.sockets (systemd's, or bound), accepted
   here in bounded batches so that ``max_connections`` and running out of
   file descriptors can stop accepting for a while (connections wait in the
   kernel's backlog; the loop does not spin on EMFILE);
@@ -32,7 +32,7 @@ from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, cast
 
-from myecho.accepting import (
+from myecho.core.accepting import (
     PAUSE,
     PRESSURE_POLL,
     Acceptor,
@@ -42,8 +42,8 @@ from myecho.accepting import (
     shed_reason,
     waiting,
 )
-from myecho.runtime import Runtime
-from myecho.sockets import describe, raise_fd_limit
+from myecho.core.runtime import Runtime
+from myecho.core.sockets import describe, raise_fd_limit
 
 ACCEPT_BATCH = 128
 #: At most this long between two housekeeping rounds (STATUS, watchdog, idle).

@@ -3,7 +3,7 @@
 Two ROUTER sockets. The frontend speaks to clients exactly as the zmq model
 does (REQ, or DEALER with any frames, multipart frame for frame, replies
 to one client in the order of its requests); the backend speaks MEW2 to
-``myecho serve worker`` processes on any host (``myecho.patterns.heartbeat``
+``myecho serve worker`` processes on any host (``myecho.models.mew``
 specifies the frames, the credit-based flow and the error reply).
 
 Throughput comes from the window: each worker holds up to its window of
@@ -45,13 +45,13 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from myecho import curve
+from myecho.core import curve
+from myecho.core.endpoints import BIND, EndpointError, attach
+from myecho.core.runtime import Runtime
+from myecho.core.settings import BROKER_BACKEND_PORT
+from myecho.core.sockets import ListenError, bind_tcp, format_address
+from myecho.models import mew
 from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, AcceptPause, bind_endpoints, connection_limit
-from myecho.patterns import heartbeat as mew
-from myecho.patterns.endpoints import BIND, EndpointError, attach
-from myecho.runtime import Runtime
-from myecho.settings import BROKER_BACKEND_PORT
-from myecho.sockets import ListenError, bind_tcp, format_address
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[zmq.Frame]

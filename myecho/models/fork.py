@@ -48,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from myecho.accepting import (
+from myecho.core.accepting import (
     LISTENER,
     SHED_FLOOR,
     Acceptor,
@@ -57,6 +57,8 @@ from myecho.accepting import (
     idle_reason,
     shed_reason,
 )
+from myecho.core.runtime import Runtime
+from myecho.core.sockets import describe, raise_fd_limit
 from myecho.models.spawner import (
     HANDOVER,
     MESSAGE,
@@ -70,8 +72,6 @@ from myecho.models.spawner import (
     reaped,
     serve_connection,
 )
-from myecho.runtime import Runtime
-from myecho.sockets import describe, raise_fd_limit
 
 SPAWNER = Path(__file__).with_name("spawner.py")
 #: Seconds without a handover before the spares are topped up (while at

@@ -23,7 +23,7 @@ import socket
 import time
 from collections import OrderedDict
 
-from myecho.accepting import (
+from myecho.core.accepting import (
     LISTENER,
     PRESSURE_POLL,
     Acceptor,
@@ -33,8 +33,8 @@ from myecho.accepting import (
     shed_reason,
     waiting,
 )
-from myecho.runtime import Runtime
-from myecho.sockets import describe, raise_fd_limit
+from myecho.core.runtime import Runtime
+from myecho.core.sockets import describe, raise_fd_limit
 
 CHUNK = 65536
 ACCEPT_BATCH = 128

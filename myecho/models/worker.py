@@ -2,7 +2,7 @@
 
 A DEALER socket connects to the broker's backend (``--connect URL``, or
 ``MYECHO_WORKER_CONNECT`` in the config file; ``@URL`` binds instead and
-lets the broker connect) and speaks MEW2 (``myecho.patterns.heartbeat``):
+lets the broker connect) and speaks MEW2 (``myecho.models.mew``):
 READY with its window (``--window``: how many requests the broker may send
 it before the first is answered), then each request's frames echoed frame
 for frame as they are read, without copying them, heartbeats both ways.
@@ -29,13 +29,13 @@ from typing import Any
 
 import zmq
 
-from myecho import curve
+from myecho.core import curve
+from myecho.core.endpoints import BIND, CONNECT, attach, split
+from myecho.core.runtime import Runtime, Stats
+from myecho.core.settings import BROKER_BACKEND_PORT
+from myecho.models import mew
 from myecho.models.broker import NOBLOCK_SNDMORE, SNDMORE, raw_send
 from myecho.models.zmq import BATCH, DRAIN_IDLE, MAX_MESSAGE
-from myecho.patterns import heartbeat as mew
-from myecho.patterns.endpoints import BIND, CONNECT, attach, split
-from myecho.runtime import Runtime, Stats
-from myecho.settings import BROKER_BACKEND_PORT
 
 Context = zmq.Context[zmq.Socket[bytes]]
 DEFAULT_CONNECT = f"tcp://127.0.0.1:{BROKER_BACKEND_PORT}"

@@ -46,9 +46,9 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from myecho.accepting import connection_ended, peer_name
-from myecho.runtime import Runtime
-from myecho.sockets import zmq_endpoint
+from myecho.core.accepting import connection_ended, peer_name
+from myecho.core.runtime import Runtime
+from myecho.core.sockets import zmq_endpoint
 
 MAX_MESSAGE = 64 * 1024 * 1024
 HIGH_WATER = 1000

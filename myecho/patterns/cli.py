@@ -137,7 +137,7 @@ def run_pattern(options: dict[str, Any]) -> int:
         signal.signal(signum, lambda *_: stop.set())
     import zmq
 
-    from myecho.patterns.endpoints import EndpointError
+    from myecho.core.endpoints import EndpointError
 
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     command, role, o = options["command"], options["role"], argparse.Namespace(**options)

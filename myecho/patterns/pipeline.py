@@ -45,7 +45,7 @@ from typing import Any
 
 import zmq
 
-from myecho.patterns.endpoints import BIND, CONNECT, attach, detach
+from myecho.core.endpoints import BIND, CONNECT, attach, detach
 
 Context = zmq.Context[zmq.Socket[bytes]]
 JOBS = "tcp://127.0.0.1:11146"

@@ -44,7 +44,7 @@ from typing import Any
 
 import zmq
 
-from myecho.patterns.endpoints import BIND, CONNECT, attach
+from myecho.core.endpoints import BIND, CONNECT, attach
 
 Context = zmq.Context[zmq.Socket[bytes]]
 STREAM = "tcp://127.0.0.1:11149"

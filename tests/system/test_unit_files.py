@@ -187,7 +187,7 @@ def test_settings_are_checked_before_start_and_reload(unit: str, copy: str) -> N
     """check-config as root before start (its failure alone does not fail the
     start: the model then reads the last clean copy) and before the HUP of a
     reload (its failure fails the reload); bad settings are never retried."""
-    bad_config = 78  # myecho.settings.EXIT_BAD_CONFIG (this env does not install myecho; test_cli checks it)
+    bad_config = 78  # myecho.core.settings.EXIT_BAD_CONFIG (this env does not install myecho; test_cli checks it)
     check = f"/usr/bin/myecho check-config --save /run/myecho/{copy}.conf"
     settings = _settings(unit)
     assert f"ExecStartPre=-+{check} --or-last /etc/default/myecho" in settings

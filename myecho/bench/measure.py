@@ -3,10 +3,10 @@ the pipeline's jobs per second, and what a worker crash costs.
 
 Each function starts real processes (``python -m myecho.cli ...``) on free
 loopback ports, measures, stops them and returns a JSON-ready dict. The
-clients are processes too (``python -m myecho.patterns.measure client``):
+clients are processes too (``python -m myecho.bench.measure client``):
 closed loop, one request in flight each, as a REQ client, but on a DEALER
 socket, so that a duplicate or stray reply is seen and counted where REQ
-would silently drop it. ``python -m myecho.patterns.measure report``
+would silently drop it. ``python -m myecho.bench.measure report``
 prints every figure.
 """
 
@@ -160,7 +160,7 @@ def start_clients(
 
     ``mark``: seconds after the start at which the caller will act."""
     start_at = time.time() + START_DELAY
-    argv = [sys.executable, "-m", "myecho.patterns.measure", "client", url, "--seconds", str(seconds)]
+    argv = [sys.executable, "-m", "myecho.bench.measure", "client", url, "--seconds", str(seconds)]
     argv += ["--size", str(size), "--start-at", repr(start_at)]
     if mark is not None:
         argv += ["--mark", repr(start_at + mark)]
@@ -305,7 +305,7 @@ def report(seconds: float = 2.0, clients: int = 4) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m myecho.patterns.measure", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m myecho.bench.measure", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     one = commands.add_parser("client", help="one closed-loop client; prints its JSON report")
     one.add_argument("url")

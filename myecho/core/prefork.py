@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from myecho.core.runtime import Runtime, Stats
+from myecho.core.signals import STOP_SIGNALS, SignalWatcher
+from myecho.core.sockets import describe
+from myecho.core.systemd import Notifier
 from myecho.models.spawner import die_with, reaped
-from myecho.runtime import Runtime, Stats
-from myecho.signals import STOP_SIGNALS, SignalWatcher
-from myecho.sockets import describe
-from myecho.systemd import Notifier
 
 #: A worker that has not reported for this long is hung: killed and replaced.
 SILENT_LIMIT = 5.0

@@ -13,9 +13,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from myecho.settings import Settings, SettingsError
-from myecho.signals import STOP_SIGNALS, SignalWatcher
-from myecho.systemd import Notifier, setup_logging
+from myecho.core.settings import Settings, SettingsError
+from myecho.core.signals import STOP_SIGNALS, SignalWatcher
+from myecho.core.systemd import Notifier, setup_logging
 
 STATUS_INTERVAL = 1.0
 

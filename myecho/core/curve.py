@@ -43,13 +43,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from myecho.patterns.endpoints import BIND, EndpointError, split
-from myecho.settings import BROKER_BACKEND_PORT, Settings
+from myecho.core.endpoints import BIND, EndpointError, split
+from myecho.core.settings import BROKER_BACKEND_PORT, Settings
 
 if TYPE_CHECKING:
     import zmq
 
-    from myecho.runtime import Runtime
+    from myecho.core.runtime import Runtime
 
 ZAP_DOMAIN = "myecho-backend"
 PUBLIC_SUFFIX, SECRET_SUFFIX = ".key", ".key_secret"

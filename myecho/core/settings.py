@@ -71,7 +71,7 @@ class Settings:
     worker_connect: str = ""
     heartbeat: float = 1.0
     liveness: int = 3
-    # CURVE on the broker's backend (myecho.curve): this side's secret
+    # CURVE on the broker's backend (myecho.core.curve): this side's secret
     # certificate, the folder of the workers' public ones (broker), the
     # broker's public one (worker); insecure=1 lets a broker bind its backend
     # beyond loopback without CURVE.
@@ -108,7 +108,7 @@ class Settings:
             check_value(item.name, getattr(self, item.name))
         if not self.max_message <= self.client_bytes <= self.broker_bytes:
             raise SettingsError("the byte limits must be max-message <= client-bytes <= broker-bytes")
-        from myecho.patterns.endpoints import EndpointError, split
+        from myecho.core.endpoints import EndpointError, split
 
         for spec in [*self.broker_frontend, *self.broker_backend, *filter(None, [self.worker_connect])]:
             try:

@@ -17,7 +17,7 @@ import struct
 import time
 from typing import Any, Protocol
 
-from myecho.runtime import Runtime
+from myecho.core.runtime import Runtime
 
 PAUSE = 0.1
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})

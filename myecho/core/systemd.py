@@ -141,7 +141,7 @@ class _LogFile(logging.handlers.WatchedFileHandler):
         self._statstream()
 
     def _open(self) -> io.TextIOWrapper:
-        from myecho.daemon import open_nofollow
+        from myecho.core.daemon import open_nofollow
 
         fd = open_nofollow(Path(self.baseFilename), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         stream = open(fd, "a", encoding=self.encoding or "utf-8", errors=self.errors)  # noqa: SIM115

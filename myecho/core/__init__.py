@@ -1,0 +1,1 @@
+"""The shared layer every model stands on."""
