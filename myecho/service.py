@@ -9,16 +9,27 @@ import dataclasses
 import importlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from myecho.core import prefork
 from myecho.core.daemon import PidfileError, StartReport, daemonize
 from myecho.core.endpoints import EndpointError
 from myecho.core.runtime import Runtime
 from myecho.core.settings import EXIT_BAD_CONFIG, Settings, SettingsError, load
-from myecho.core.sockets import ListenError, broker_roles, from_systemd, from_systemd_named, listening_sockets
+from myecho.core.sockets import ListenError, Listeners
 from myecho.core.systemd import Notifier, setup_logging
-from myecho.models import MODELS, WORKER_MODELS
+from myecho.models import MODELS
+
+
+class Model(Protocol):
+    """What a model module declares; service.py asks nothing else of it."""
+
+    #: The listening sockets it is handed.
+    LISTENERS: Listeners
+    #: It can run as N processes on one listening socket (``--workers``).
+    PREFORK: bool
+
+    def serve(self, runtime: Runtime) -> None: ...
 
 
 def make_settings(options: dict[str, Any]) -> Settings:
@@ -47,19 +58,9 @@ def run_service(options: dict[str, Any]) -> int:
         settings, warnings = load_settings(options)
     except SettingsError as error:
         return _fail(str(error), EXIT_BAD_CONFIG)
-    model = importlib.import_module(f"myecho.models.{MODELS[settings.model]}")
-    roles: list[str] = []
+    model = cast(Model, importlib.import_module(f"myecho.models.{MODELS[settings.model]}"))
     try:
-        if settings.model == "zmq" and settings.listen:
-            listeners = from_systemd()  # other endpoints are bound by libzmq itself
-        elif settings.model == "broker":
-            named = from_systemd_named()
-            listeners = [sock for _, sock in named]
-            roles = broker_roles([name for name, _ in named])
-        elif settings.model == "worker":
-            listeners = []  # it connects; libzmq binds if asked to (@URL)
-        else:
-            listeners = listening_sockets(settings.host, settings.port, settings.backlog)
+        listeners, roles = model.LISTENERS.acquire(settings)
     except ListenError as error:
         return _fail(str(error), 1)
     except OSError as error:  # e.g. no socket from systemd and no network to bind in (PrivateNetwork=)
@@ -86,11 +87,10 @@ def run_service(options: dict[str, Any]) -> int:
             report.ready()
 
     notifier.on_ready = on_ready
-    runtime = Runtime(settings, listeners, notifier, log)
-    runtime.listener_roles = roles
+    runtime = Runtime(settings, listeners, notifier, log, roles)
     started = False
     try:
-        if settings.workers != 1 and settings.model in WORKER_MODELS:
+        if settings.workers != 1 and model.PREFORK:
             prefork.serve(runtime, model.serve)
         else:
             model.serve(runtime)

@@ -106,13 +106,17 @@ def test_broker_and_worker_settings_from_the_file(tmp_path: Path) -> None:
 
 
 def test_which_of_systemds_sockets_is_the_brokers_backend() -> None:
-    from myecho.core.sockets import broker_roles
+    from myecho.core.sockets import match_roles
+    from myecho.models.broker import LISTENERS
 
-    assert broker_roles(["backend", "frontend"]) == ["backend", "frontend"]
-    assert broker_roles(["backend"]) == ["backend"]
-    assert broker_roles(["myecho@broker.socket", "myecho@broker.socket"]) == ["frontend", "backend"]
-    assert broker_roles(["frontend", "frontend"]) == ["frontend", "backend"]  # one name for the whole unit
-    assert broker_roles(["a", "b", "c"]) == ["frontend", "backend", "frontend"]
+    def roles(names: list[str]) -> list[str]:
+        return match_roles(names, LISTENERS.roles)
+
+    assert roles(["backend", "frontend"]) == ["backend", "frontend"]
+    assert roles(["backend"]) == ["backend"]
+    assert roles(["myecho@broker.socket", "myecho@broker.socket"]) == ["frontend", "backend"]
+    assert roles(["frontend", "frontend"]) == ["frontend", "backend"]  # one name for the whole unit
+    assert roles(["a", "b", "c"]) == ["frontend", "backend", "frontend"]
 
 
 def test_the_bad_config_status_is_one_number() -> None:

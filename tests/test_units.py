@@ -25,6 +25,28 @@ def test_describe_a_closed_socket() -> None:
         assert "myecho-test-describe" in sockets.describe(unix)
 
 
+def test_each_model_gets_the_listeners_it_declares(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without systemd: a TCP model binds HOST:PORT; zmq with --listen, the broker and the worker bind nothing."""
+    from myecho.core.settings import Settings
+    from myecho.models import broker, select, worker, zmq
+
+    monkeypatch.delenv("LISTEN_FDS", raising=False)
+    settings = Settings(model="select", host="127.0.0.1", port=0)
+    bound, roles = select.LISTENERS.acquire(settings)
+    try:
+        assert len(bound) == 1 and roles == []
+        assert bound[0].getsockname()[0] == "127.0.0.1"
+        assert bound[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+    finally:
+        bound[0].close()
+    bound, _ = zmq.LISTENERS.acquire(Settings(model="zmq", host="127.0.0.1", port=0))
+    assert len(bound) == 1
+    bound[0].close()
+    assert zmq.LISTENERS.acquire(Settings(model="zmq", listen=["tcp://127.0.0.1:0"])) == ([], [])
+    assert broker.LISTENERS.acquire(Settings(model="broker")) == ([], [])
+    assert worker.LISTENERS.acquire(Settings(model="worker")) == ([], [])
+
+
 def test_fd_limit_is_raised_to_the_hard_limit() -> None:
     code = ("import resource; from myecho.core.sockets import raise_fd_limit;"
             "s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"

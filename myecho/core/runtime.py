@@ -54,12 +54,13 @@ class Runtime:
         listeners: list[socket.socket],
         notifier: Notifier | None = None,
         log: logging.Logger | None = None,
+        listener_roles: list[str] | None = None,
     ) -> None:
         self.settings = settings
         self.listeners = listeners
-        #: What each listener is for, when a model has several kinds (the
-        #: broker: "frontend", "backend"); empty when they are all alike.
-        self.listener_roles: list[str] = []
+        #: What each listener is for, when a model declares several kinds
+        #: (``Listeners.roles``); empty when they are all alike.
+        self.listener_roles = listener_roles or []
         self.notifier = notifier or Notifier()
         self.log = log or logging.getLogger("myecho")
         self.signals = SignalWatcher()

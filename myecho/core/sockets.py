@@ -9,9 +9,16 @@ with a backlog large enough for the talk's 1,000 simultaneous connections
 climb to a minute: SYN retransmissions, not code).
 """
 
+from __future__ import annotations
+
 import os
 import resource
 import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from myecho.core.settings import Settings
 
 
 class ListenError(OSError):
@@ -43,16 +50,50 @@ def from_systemd_named() -> list[tuple[str, socket.socket]]:
     return [(names[n] if n < len(names) else "", sock) for n, sock in enumerate(sockets)]
 
 
-def broker_roles(names: list[str]) -> list[str]:
-    """Which of systemd's sockets is the broker's frontend, which its backend.
+def match_roles(names: list[str], roles: tuple[str, ...]) -> list[str]:
+    """What each of systemd's sockets is for, given the roles a model declares.
 
-    By FileDescriptorName= ("frontend", "backend") when every socket has its
-    own, else by position (a socket unit names all its sockets alike): the
-    first ListenStream= is the frontend, the second the backend.
+    By FileDescriptorName= when every socket has its own name among the
+    roles, else by position (a socket unit names all its sockets alike):
+    the first ListenStream= takes the first role, the second the second;
+    any further ones the first.
     """
-    if len(set(names)) == len(names) and set(names) <= {"frontend", "backend"}:
+    if len(set(names)) == len(names) and set(names) <= set(roles):
         return list(names)
-    return ["frontend", "backend"][: len(names)] + ["frontend"] * (len(names) - 2)
+    return list(roles[: len(names)]) + [roles[0]] * (len(names) - len(roles))
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """The listening sockets a model needs, declared by the model (``LISTENERS``).
+
+    The model says what it needs; ``acquire`` gets it the same way for every
+    model, so starting a model never asks which model it is.
+    """
+
+    #: Take the sockets systemd passed (socket activation).
+    systemd: bool = True
+    #: When systemd passed none, bind ``settings.host:settings.port`` here.
+    bind: bool = True
+    #: What each of systemd's sockets is for, when there are several kinds
+    #: (matched by FileDescriptorName= or by position); () when all alike.
+    roles: tuple[str, ...] = ()
+    #: A setting naming endpoints the model binds itself (libzmq): when it
+    #: lists any, nothing is bound here.
+    endpoints: str = ""
+
+    def acquire(self, settings: Settings) -> tuple[list[socket.socket], list[str]]:
+        """The sockets, and their roles (``[]`` when the model declares none)."""
+        if not self.systemd:
+            return [], []
+        named = from_systemd_named()
+        sockets = [sock for _, sock in named]
+        if self.roles:
+            return sockets, match_roles([name for name, _ in named], self.roles)
+        own_endpoints = bool(self.endpoints and getattr(settings, self.endpoints))
+        if sockets or not self.bind or own_endpoints:
+            return sockets, []
+        return [bind_tcp(settings.host, settings.port, settings.backlog)], []
 
 
 def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
@@ -73,11 +114,6 @@ def bind_tcp(host: str, port: int, backlog: int) -> socket.socket:
         sock.close()
         raise ListenError(f"cannot listen on {format_address(host, port)}: {error.strerror}") from error
     return sock
-
-
-def listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
-    """systemd's sockets if it passed any, else one bound to host:port."""
-    return from_systemd() or [bind_tcp(host, port, backlog)]
 
 
 def format_address(host: str, port: int) -> str:

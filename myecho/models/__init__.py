@@ -12,6 +12,3 @@ MODELS = {
     "broker": "broker",
     "worker": "worker",
 }
-TCP_MODELS = ("fork", "select", "asyncio")
-#: The models that can run as N worker processes on one listening socket (--workers).
-WORKER_MODELS = ("select", "asyncio")

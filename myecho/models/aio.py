@@ -43,7 +43,10 @@ from myecho.core.accepting import (
     waiting,
 )
 from myecho.core.runtime import Runtime
-from myecho.core.sockets import describe, raise_fd_limit
+from myecho.core.sockets import Listeners, describe, raise_fd_limit
+
+LISTENERS = Listeners()  # systemd's sockets, or one bound on HOST:PORT
+PREFORK = True  # --workers N: N loops on one listening socket (core.prefork)
 
 ACCEPT_BATCH = 128
 #: At most this long between two housekeeping rounds (STATUS, watchdog, idle).

@@ -49,9 +49,13 @@ from myecho.core import curve
 from myecho.core.endpoints import BIND, EndpointError, attach
 from myecho.core.runtime import Runtime
 from myecho.core.settings import BROKER_BACKEND_PORT
-from myecho.core.sockets import ListenError, bind_tcp, format_address
+from myecho.core.sockets import ListenError, Listeners, bind_tcp, format_address
 from myecho.models import mew
 from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, AcceptPause, bind_endpoints, connection_limit
+
+#: systemd's sockets by role; the endpoints of the settings libzmq binds itself.
+LISTENERS = Listeners(bind=False, roles=("frontend", "backend"))
+PREFORK = False
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[zmq.Frame]

@@ -58,7 +58,7 @@ from myecho.core.accepting import (
     shed_reason,
 )
 from myecho.core.runtime import Runtime
-from myecho.core.sockets import describe, raise_fd_limit
+from myecho.core.sockets import Listeners, describe, raise_fd_limit
 from myecho.models.spawner import (
     HANDOVER,
     MESSAGE,
@@ -72,6 +72,9 @@ from myecho.models.spawner import (
     reaped,
     serve_connection,
 )
+
+LISTENERS = Listeners()  # systemd's sockets, or one bound on HOST:PORT
+PREFORK = False
 
 SPAWNER = Path(__file__).with_name("spawner.py")
 #: Seconds without a handover before the spares are topped up (while at

@@ -33,9 +33,14 @@ from myecho.core import curve
 from myecho.core.endpoints import BIND, CONNECT, attach, split
 from myecho.core.runtime import Runtime, Stats
 from myecho.core.settings import BROKER_BACKEND_PORT
+from myecho.core.sockets import Listeners
 from myecho.models import mew
 from myecho.models.broker import NOBLOCK_SNDMORE, SNDMORE, raw_send
 from myecho.models.zmq import BATCH, DRAIN_IDLE, MAX_MESSAGE
+
+#: None: it connects to the broker (libzmq binds an @URL itself).
+LISTENERS = Listeners(systemd=False, bind=False)
+PREFORK = False
 
 Context = zmq.Context[zmq.Socket[bytes]]
 DEFAULT_CONNECT = f"tcp://127.0.0.1:{BROKER_BACKEND_PORT}"

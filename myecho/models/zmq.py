@@ -48,7 +48,11 @@ from zmq.utils.monitor import recv_monitor_message
 
 from myecho.core.accepting import connection_ended, peer_name
 from myecho.core.runtime import Runtime
-from myecho.core.sockets import zmq_endpoint
+from myecho.core.sockets import Listeners, zmq_endpoint
+
+#: systemd's sockets, or one bound on HOST:PORT; --listen endpoints libzmq binds itself.
+LISTENERS = Listeners(endpoints="listen")
+PREFORK = False
 
 MAX_MESSAGE = 64 * 1024 * 1024
 HIGH_WATER = 1000
