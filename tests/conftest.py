@@ -1,39 +1,28 @@
-"""Fixtures: start the real servers on free loopback ports."""
+"""Fixtures: the real servers on free loopback ports, a ZeroMQ context.
+
+Only fixtures live here; the helpers tests import are in support.py. This
+file is loaded for the system suite too, whose environment has neither
+myecho nor pyzmq: both are imported inside the fixtures."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from support import Server, command, free_port
 
-#: The byte-stream models, and the C reference held to the same contract.
-#: "fork-classic" is the fork model as the talk wrote it: the parent forks
-#: after accept (--spare-children 0) instead of handing over to a spare.
-#: "asyncio" runs on uvloop (installed by the test extras), "asyncio-asyncio"
-#: on asyncio's own loop; "select-2-workers" is select with --workers 2.
-STREAM_MODELS = ("fork", "fork-classic", "select", "asyncio", "asyncio-asyncio", "select-2-workers", "c")
-
-ServeFactory = Callable[..., Server]
-
-
-def server_argv(model: str, port: int, *extra: str) -> list[str]:
-    if model == "c":
-        return [command("myecho-c"), *extra, str(port)]
-    if model == "fork-classic":
-        return [command("myecho"), "serve", "fork", "--spare-children", "0", "--port", str(port), *extra]
-    if model == "asyncio-asyncio":
-        return [command("myecho"), "serve", "asyncio", "--loop", "asyncio", "--port", str(port), *extra]
-    if model == "select-2-workers":
-        return [command("myecho"), "serve", "select", "--workers", "2", "--port", str(port), *extra]
-    return [command("myecho"), "serve", model, "--port", str(port), *extra]
-
+if TYPE_CHECKING:
+    import zmq
+    from support import ServeFactory, Server
 
 @pytest.fixture
 def serve() -> Iterator[ServeFactory]:
     """serve(model, *args, env=None) -> a ready Server; killed at teardown."""
+    from support import Server, server_argv  # here: the system suite's environment has no myecho
+
+    from myecho.bench.harness import free_port
+
     started: list[Server] = []
 
     def start(model: str, *extra: str, env: dict[str, str] | None = None, port: int | None = None,
@@ -48,10 +37,6 @@ def serve() -> Iterator[ServeFactory]:
         with contextlib.suppress(AssertionError):
             server.stop(timeout=10)
         server.kill()
-
-
-if TYPE_CHECKING:
-    import zmq
 
 
 @pytest.fixture

@@ -1,27 +1,28 @@
 """Test support: real server processes, real loopback clients.
 
 Servers run as the installed commands (``myecho``, ``myecho-c``) in child
-processes; readiness is read from a NOTIFY_SOCKET that the test binds, the
-way systemd would, so every start also checks sd_notify.
+processes, through the package's own harness (``myecho.bench.harness``):
+readiness is read from a NOTIFY_SOCKET that the test binds, the way
+systemd would, so every start also checks sd_notify.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import random
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from myecho.bench import harness, procs
+from myecho.bench.harness import ServerError, ServerProcess
 
 if TYPE_CHECKING:  # imported where used: the system suite's tox env has no pyzmq
     import zmq
@@ -40,95 +41,14 @@ def command(name: str) -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class NotifySocket:
-    """A fake systemd: collects the sd_notify datagrams a service sends."""
-
-    def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="myecho-notify-")
-        self.path = os.path.join(self.dir, "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.messages: list[dict[str, str]] = []
-        self.arrived = threading.Condition()
-        self.following = False
-        self.cursor = 0  # when following: the next message receive() returns
-
-    def follow(self) -> None:
-        """Read every datagram as it comes, as systemd does, in a thread.
-
-        A unix datagram socket queues only net.unix.max_dgram_qlen (10)
-        messages: a service sending STATUS= every second to a test that
-        stopped reading blocks in sendmsg after ten seconds. Long-lived
-        test services need this."""
-        self.following = True
-        self.cursor = len(self.messages)
-        threading.Thread(target=self._read_all, daemon=True).start()
-
-    def _read_all(self) -> None:
-        self.sock.settimeout(0.2)
-        while self.following:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            with self.arrived:
-                self.messages.append(message)
-                self.arrived.notify_all()
-
-    def receive(self, timeout: float) -> dict[str, str] | None:
-        if self.following:
-            with self.arrived:
-                if not self.arrived.wait_for(lambda: self.cursor < len(self.messages), timeout):
-                    return None
-                self.cursor += 1
-                return self.messages[self.cursor - 1]
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            return None
-        message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-        self.messages.append(message)
-        return message
-
-    def wait_for(self, key: str, value: str | None = None, timeout: float = 10.0) -> dict[str, str]:
-        for message in self.messages:
-            if key in message and (value is None or message[key] == value):
-                return message
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            message = self.receive(left)
-            if message is not None and key in message and (value is None or message[key] == value):
-                return message
-        raise AssertionError(f"no {key}={value or '*'} from the service in {timeout} s; got {self.messages}")
-
-    def close(self) -> None:
-        self.following = False
-        self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class Server:
-    """A running server process on a loopback port."""
+class Server(ServerProcess):
+    """A running server process on a loopback port; its stderr kept in ``stderr_lines``."""
 
     def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None,
                  notify: bool = True, **popen: object) -> None:
         self.port = port
         self.host = "::1" if "::1" in argv else "127.0.0.1"
-        self.notify = NotifySocket() if notify else None
-        full_env = dict(os.environ, **(env or {}))
-        if self.notify is not None:
-            full_env["NOTIFY_SOCKET"] = self.notify.path
-        self.proc = subprocess.Popen(argv, env=full_env, stderr=subprocess.PIPE, **popen)  # type: ignore[call-overload]
+        super().__init__(argv, env=env, notify=notify, stderr=subprocess.PIPE, **popen)
         self.stderr_lines: list[str] = []
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
@@ -142,56 +62,51 @@ class Server:
     def stderr(self) -> str:
         return "\n".join(self.stderr_lines)
 
-    def wait_ready(self, timeout: float = 10.0) -> Server:
-        if self.notify is not None:
-            self.notify.wait_for("READY", "1", timeout)
-        else:
-            wait_listening(self.port, timeout, self.proc, self.host)
+    def wait_ready(self, timeout: float = 10.0, host: str = "", port: int | None = None) -> Server:
+        super().wait_ready(timeout, self.host, self.port)
         return self
 
     def connect(self, timeout: float = 10.0) -> socket.socket:
         return socket.create_connection((self.host, self.port), timeout=timeout)
 
-    def signal(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"server did not stop within {timeout} s after SIGTERM") from None
+    def stop(self, timeout: float = 15.0) -> int:  # type: ignore[override]
+        code = super().stop(timeout)
+        if code is None:
+            raise AssertionError(f"server did not stop within {timeout} s after SIGTERM")
         self._reader.join(2)
         return code  # the notify socket stays readable until kill()
 
     def kill(self) -> None:
         """Teardown after a failed test: the server and any child it left."""
-        if self.proc.poll() is None:
-            for child in descendants_of(self.proc.pid):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
-            self.proc.kill()
-            self.proc.wait()
-        if self.notify is not None:
-            self.notify.close()
-            self.notify = None
+        super().kill()
+        self.close()
+
+
+#: The byte-stream models, and the C reference held to the same contract.
+#: "fork-classic" is the fork model as the talk wrote it: the parent forks
+#: after accept (--spare-children 0) instead of handing over to a spare.
+#: "asyncio" runs on uvloop (installed by the test extras), "asyncio-asyncio"
+#: on asyncio's own loop; "select-2-workers" is select with --workers 2.
+STREAM_MODELS = ("fork", "fork-classic", "select", "asyncio", "asyncio-asyncio", "select-2-workers", "c")
+
+ServeFactory = Callable[..., "Server"]
+
+
+def server_argv(model: str, port: int, *extra: str) -> list[str]:
+    if model == "c":
+        return [command("myecho-c"), *extra, str(port)]
+    if model == "fork-classic":
+        return [command("myecho"), "serve", "fork", "--spare-children", "0", "--port", str(port), *extra]
+    if model == "asyncio-asyncio":
+        return [command("myecho"), "serve", "asyncio", "--loop", "asyncio", "--port", str(port), *extra]
+    if model == "select-2-workers":
+        return [command("myecho"), "serve", "select", "--workers", "2", "--port", str(port), *extra]
+    return [command("myecho"), "serve", model, "--port", str(port), *extra]
 
 
 def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None,
                    host: str = "127.0.0.1") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode} before listening")
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+    harness.wait_listening(host, port, timeout, proc)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
@@ -269,39 +184,20 @@ def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
 
 def descendants_of(pid: int) -> list[int]:
     """Children, their children and so on (the fork model's spawner has the spares)."""
-    found: list[int] = []
-    for child in children_of(pid):
-        found += [child, *descendants_of(child)]
-    return found
+    return procs.tree(pid)[1:]
 
 
 def children_of(pid: int) -> list[int]:
-    """Direct children, from /proc (no psutil needed)."""
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(child) for child in text.split()]
+    return procs.children(pid)
 
 
 def zombies_of(pid: int) -> list[int]:
-    result = []
-    for child in children_of(pid):
-        try:
-            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (FileNotFoundError, IndexError):
-            continue
-        if state == "Z":
-            result.append(child)
-    return result
+    return [child for child in procs.children(pid) if procs.state(child) == "Z"]
 
 
 def rss_kib(pid: int) -> int:
     """Resident memory of one process, in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return procs.memory([pid]).rss_bytes // 1024
 
 
 def limit_fds_to_128() -> None:
@@ -339,23 +235,16 @@ def assert_pauses_at_the_fd_limit(server: Server, port: int) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return procs.cpu_seconds([pid])
 
 
 def wait_status(server: Server, needle: str, timeout: float = 10.0) -> str:
     """Wait for a STATUS= line, sent from now on, that contains ``needle``."""
     assert server.notify is not None
-    if server.notify.following:
-        server.notify.cursor = len(server.notify.messages)
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        message = server.notify.receive(min(left, 1.0))
-        if message is not None and needle in message.get("STATUS", ""):
-            return message["STATUS"]
-        if server.proc.poll() is not None:
-            break
-    raise AssertionError(f"no STATUS with {needle!r} in {timeout} s; stderr:\n{server.stderr}")
+    try:
+        return server.notify.wait_status(needle, timeout, server.proc)
+    except ServerError as error:
+        raise AssertionError(f"{error}; stderr:\n{server.stderr}") from None
 
 
 def req(ctx: zmq.Context[zmq.Socket[bytes]], url: str) -> zmq.Socket[bytes]:

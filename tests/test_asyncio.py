@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ServeFactory, server_argv
-from support import free_port, roundtrip
+from support import ServeFactory, roundtrip, server_argv
 
+from myecho.bench.harness import free_port
 from myecho.core.settings import EXIT_BAD_CONFIG
 
 

@@ -7,8 +7,7 @@ import subprocess
 from pathlib import Path
 
 import jsonschema
-from conftest import ServeFactory
-from support import command
+from support import ServeFactory, command
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "benchmarks" / "results.schema.json").read_text())
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import zmq
-from support import NotifySocket, Server, command, free_port, random_bytes, req, wait_status
+from support import Server, command, random_bytes, req, wait_status
 
 from myecho.bench import measure
+from myecho.bench.harness import NotifySocket, free_port
 
 Context = zmq.Context[zmq.Socket[bytes]]
 FAST = ["--heartbeat", "0.2", "--liveness", "3"]  # a dead worker is noticed in 0.6 s
@@ -79,7 +80,6 @@ def pool() -> Iterator[Callable[..., Pool]]:
             server.signal(signal.SIGCONT)
             server.stop(timeout=10)
         server.kill()
-
 
 
 def dealer(ctx: Context, url: str) -> zmq.Socket[bytes]:

@@ -7,7 +7,9 @@ import shutil
 from pathlib import Path
 
 import zmq
-from support import NotifySocket, Server, assert_pauses_at_the_fd_limit, command, free_port, limit_fds_to_128, req
+from support import Server, assert_pauses_at_the_fd_limit, command, limit_fds_to_128, req
+
+from myecho.bench.harness import NotifySocket, free_port
 
 Context = zmq.Context[zmq.Socket[bytes]]
 

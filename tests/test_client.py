@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import subprocess
 
-from conftest import ServeFactory
-from support import command, free_port, random_bytes
+from support import ServeFactory, command, random_bytes
+
+from myecho.bench.harness import free_port
 
 
 def client(*argv: str, data: bytes) -> subprocess.CompletedProcess[bytes]:

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from support import Server, command, free_port, req, wait_until
+from support import Server, command, req, wait_until
 from zmq.utils.monitor import recv_monitor_message
 
+from myecho.bench.harness import free_port
 from myecho.models import mew
 
 Context = zmq.Context[zmq.Socket[bytes]]
@@ -183,7 +184,6 @@ def cluster(keys: Keys) -> Iterator[Cluster]:
             with contextlib.suppress(AssertionError):
                 server.stop(timeout=10)
             server.kill()
-
 
 
 def test_an_allowed_worker_echoes(cluster: Cluster, context: Context) -> None:

@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import command, free_port, refused, roundtrip, wait_until
+from support import command, refused, roundtrip, wait_until
+
+from myecho.bench.harness import free_port
 
 
 def daemon(*args: str) -> subprocess.CompletedProcess[str]:

@@ -10,20 +10,21 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ServeFactory
 from support import (
+    ServeFactory,
     Server,
     children_of,
     command,
     descendants_of,
     exchange,
-    free_port,
     roundtrip,
     wait_listening,
     wait_status,
     wait_until,
     zombies_of,
 )
+
+from myecho.bench.harness import free_port
 
 
 def spawner_of(server: Server) -> int:

@@ -11,8 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import ServeFactory
-from support import Server, roundtrip, wait_status, wait_until
+from support import ServeFactory, Server, roundtrip, wait_status, wait_until
 
 #: The size of the flood in the issue: idle sockets held open, never a byte sent.
 FLOOD = 2000

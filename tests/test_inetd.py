@@ -16,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import command, exchange, free_port, odd_chunks, random_bytes, roundtrip, wait_listening
+from support import command, exchange, odd_chunks, random_bytes, roundtrip, wait_listening
+
+from myecho.bench.harness import free_port
 
 
 def test_pipe_echoes_every_byte() -> None:

@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 import zmq
-from support import command, free_port
+from support import command
 
 from myecho.bench import measure
+from myecho.bench.harness import free_port
 from myecho.core.endpoints import EndpointError, attach, split
 from myecho.patterns import pipeline, pubsub
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
 
 
 class Thread(threading.Thread):

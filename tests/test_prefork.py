@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ServeFactory
-from support import Server, children_of, refused, roundtrip, wait_status, wait_until
+from support import ServeFactory, Server, children_of, refused, roundtrip, wait_status, wait_until
 
 pytestmark = pytest.mark.parametrize("model", ["select", "asyncio"])
 EACH = re.compile(r"pid (\d+): (\d+) open")

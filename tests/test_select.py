@@ -8,8 +8,9 @@ import socket
 import time
 
 import pytest
-from conftest import ServeFactory, server_argv
-from support import Server, cpu_seconds, free_port, random_bytes, roundtrip, rss_kib
+from support import ServeFactory, Server, cpu_seconds, random_bytes, roundtrip, rss_kib, server_argv
+
+from myecho.bench.harness import free_port
 
 #: What a client that never reads may cost the server: the buffer limit
 #: (64 KiB) plus one read (64 KiB) plus allocator slack. The kernel's socket

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ServeFactory
-from support import Server, command, roundtrip, wait_until
+from support import ServeFactory, Server, command, roundtrip, wait_until
 
 from myecho.core.settings import (
     EXIT_BAD_CONFIG,

@@ -10,8 +10,19 @@ import threading
 import time
 
 import pytest
-from conftest import STREAM_MODELS, ServeFactory, server_argv
-from support import exchange, free_port, odd_chunks, random_bytes, refused, roundtrip, wait_until
+from support import (
+    STREAM_MODELS,
+    ServeFactory,
+    exchange,
+    odd_chunks,
+    random_bytes,
+    refused,
+    roundtrip,
+    server_argv,
+    wait_until,
+)
+
+from myecho.bench.harness import free_port
 
 pytestmark = pytest.mark.parametrize("model", STREAM_MODELS)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ServeFactory
-from support import NotifySocket, command, exchange, free_port, roundtrip, wait_listening
+from support import ServeFactory, command, exchange, roundtrip, wait_listening
+
+from myecho.bench.harness import NotifySocket, free_port
 
 
 def activate(argv: list[str], port: int, notify: NotifySocket | None = None) -> subprocess.Popen[bytes]:

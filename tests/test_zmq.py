@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import ServeFactory
-from support import Server, command, random_bytes, req, wait_until
+from support import ServeFactory, Server, command, random_bytes, req, wait_until
 
 Context = zmq.Context[zmq.Socket[bytes]]
-
 
 
 def test_the_talks_exchange(serve: ServeFactory, context: Context) -> None:

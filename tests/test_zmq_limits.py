@@ -10,18 +10,19 @@ import threading
 import time
 
 import zmq
-from conftest import ServeFactory
 from support import (
+    ServeFactory,
     Server,
     assert_pauses_at_the_fd_limit,
     command,
-    free_port,
     limit_fds_to_128,
     req,
     rss_kib,
     wait_status,
     wait_until,
 )
+
+from myecho.bench.harness import free_port
 
 Context = zmq.Context[zmq.Socket[bytes]]
 MIB = 1024 * 1024

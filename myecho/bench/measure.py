@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import zmq
+
+from myecho.bench.harness import ServerError, ServerProcess, free_port
 
 PYTHON = [sys.executable, "-m", "myecho.cli"]
 START_DELAY = 1.5  # clients start together, once every interpreter is up
@@ -103,54 +104,27 @@ def _ms(sorted_values: list[float], q: float) -> float | None:
     return round(sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))] * 1000, 3)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Service:
+class Service(ServerProcess):
     """A ``myecho`` process that says READY and STATUS over NOTIFY_SOCKET."""
 
     def __init__(self, *args: str, prefix: Sequence[str] = ()) -> None:
-        self.dir = tempfile.mkdtemp(prefix="myecho-measure-")
-        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.notify.bind(os.path.join(self.dir, "notify"))
-        env = dict(os.environ, NOTIFY_SOCKET=os.path.join(self.dir, "notify"))
-        self.proc = subprocess.Popen([*prefix, *PYTHON, *args, "--log-level", "warning"], env=env)
-        self.status = ""
+        super().__init__([*prefix, *PYTHON, *args, "--log-level", "warning"])
 
     def wait(self, needle: str, timeout: float = 15.0) -> str:
-        """Wait for a notify message containing ``needle`` (READY=1, a STATUS)."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0 and self.proc.poll() is None:
-            self.notify.settimeout(min(left, 1.0))
-            try:
-                message = self.notify.recv(65536).decode()
-            except TimeoutError:
-                continue
-            if "STATUS=" in message:
-                self.status = message.split("STATUS=", 1)[1].split("\n", 1)[0]
-            if needle in message:
-                return message
-        raise RuntimeError(f"{self.proc.args!r}: no {needle!r} in {timeout} s ({self.status!r})")
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signum)
-
-    def stop(self) -> None:
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
+        """READY=1, or the first STATUS= line from now on containing ``needle``."""
+        assert self.notify is not None
         try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.notify.close()
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(self.dir, "notify"))
-            os.rmdir(self.dir)
+            if needle == "READY=1":
+                self.notify.wait_for("READY", "1", timeout, self.proc)
+                return needle
+            return self.notify.wait_status(needle, timeout, self.proc)
+        except ServerError as error:
+            raise RuntimeError(f"{self.proc.args!r}: {error}") from None
+
+    def stop(self, grace: float = 15.0) -> int | None:
+        code = super().stop(grace)
+        self.close()
+        return code
 
 
 def start_clients(

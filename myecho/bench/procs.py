@@ -57,6 +57,12 @@ def _stat_fields(pid: int) -> list[str] | None:
     return text.rsplit(")", 1)[1].split()
 
 
+def state(pid: int) -> str | None:
+    """The state letter of ``pid`` (R, S, Z for a zombie...), None if it is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
 def cpu_seconds(pids: list[int]) -> float:
     """utime+stime+cutime+cstime summed over ``pids`` (see the module docstring)."""
     ticks = 0

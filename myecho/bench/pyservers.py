@@ -16,6 +16,8 @@ import signal
 import socket
 from typing import cast
 
+from myecho.core.sockets import raise_fd_limit
+
 
 class Echo(asyncio.Protocol):
     """Every byte back as it comes; the transport buffers what the peer has not read."""
@@ -60,13 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     options = parser.parse_args(argv)
-    try:
-        import resource
-
-        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):
-        pass
+    raise_fd_limit()
     if options.loop == "uvloop":
         import uvloop
 

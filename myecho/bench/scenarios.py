@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from myecho.bench import loadgen, procs
-from myecho.bench.servers import Model, Server, ServerError
+from myecho.bench.harness import ServerError
+from myecho.bench.servers import Model, Server
 from myecho.bench.stats import Summary, median
 
 NS = 1e9

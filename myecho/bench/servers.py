@@ -15,8 +15,6 @@ import importlib.util
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +24,7 @@ from pathlib import Path
 
 from myecho import reference
 from myecho.bench import procs
+from myecho.bench.harness import ServerError, ServerProcess, free_port
 from myecho.core.settings import DEFAULT_PORTS
 
 #: The packaged units' ports for ``--installed``; inetd by systemd is 11143.
@@ -193,58 +192,6 @@ def unavailable(model: Model) -> str | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-class NotifySocket:
-    """A stand-in for systemd's notify socket: READY=1 says the server listens."""
-
-    def __init__(self, directory: Path) -> None:
-        self.path = str(directory / "notify")
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-
-    def wait_ready(self, timeout: float, proc: subprocess.Popen[bytes]) -> None:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            if proc.poll() is not None:
-                raise ServerError(f"exited with status {proc.returncode} before it was ready")
-            self.sock.settimeout(min(left, 0.2))
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            if b"READY=1" in data.split(b"\n"):
-                return
-        raise ServerError(f"no READY=1 within {timeout} s")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class ServerError(RuntimeError):
-    """A server that would not start; the message says why."""
-
-    def __init__(self, message: str, early: bool = False) -> None:
-        super().__init__(message)
-        self.early = early  # it exited by itself (a port taken meanwhile?): worth another try
-
-
-def wait_listening(host: str, port: int, timeout: float, proc: subprocess.Popen[bytes] | None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise ServerError(f"exited with status {proc.returncode} before listening")
-        with contextlib.suppress(OSError):
-            socket.create_connection((host, port), timeout=1).close()
-            return
-        time.sleep(0.02)
-    raise ServerError(f"nothing listens on {host}:{port} after {timeout} s")
-
-
 @dataclass
 class Launch:
     argv: list[str]
@@ -310,6 +257,7 @@ class Server:
         self.model = model
         self.host = host
         self.port = port
+        self.process: ServerProcess | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.root: int | None = None
         self.workdir: Path | None = None
@@ -336,31 +284,29 @@ class Server:
         server = cls(model, "127.0.0.1", free_port())
         server.workdir = Path(tempfile.mkdtemp(prefix=f"myecho-bench-{model.name}-"))
         launch = launch_command(model, server.port, server.workdir)
-        env = dict(os.environ, MYECHO_GRACEFUL_TIMEOUT="1")
-        for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET"):
-            env.pop(name, None)
-        notify = NotifySocket(server.workdir) if launch.notify else None
-        if notify is not None:
-            env["NOTIFY_SOCKET"] = notify.path
         server.log_path = server.workdir / "server.log"
         with open(server.log_path, "wb") as log_file:
-            server.proc = subprocess.Popen(
-                launch.argv, env=env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, start_new_session=True
+            server.process = ServerProcess(
+                launch.argv,
+                env={"MYECHO_GRACEFUL_TIMEOUT": "1"},
+                notify=launch.notify,
+                notify_dir=server.workdir,
+                session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
             )
+        server.proc = server.process.proc
         server.root = server.proc.pid
         try:
-            if notify is not None:
-                notify.wait_ready(timeout, server.proc)
-            else:
-                wait_listening(server.host, server.port, timeout, server.proc)
+            server.process.wait_ready(timeout, server.host, server.port)
         except ServerError as error:
             log = server.log_tail()
             early = server.proc.poll() is not None
             server.stop()
             raise ServerError(f"{model.name}: {error}; log: {log}", early=early) from None
         finally:
-            if notify is not None:
-                notify.close()
+            server.process.close()
         return server
 
     @classmethod
@@ -402,31 +348,11 @@ class Server:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """SIGTERM, a short grace, then SIGKILL for the whole process group.
-
-        The server runs in a session of its own (start_new_session), and its
-        leader is not reaped before the group is killed, so the group id
-        cannot have been reused: no process of anybody else is touched.
-        """
-        if self.proc is None:
+        """SIGTERM, a short grace, then SIGKILL for the whole process group
+        (the server runs in a session of its own)."""
+        if self.process is None:
             return
-        pid = self.proc.pid
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 3.0
-            while time.monotonic() < deadline and not _exited(pid):
-                time.sleep(0.02)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        self.proc.wait()
+        self.process.stop(grace=3.0)
+        self.process.close()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def _exited(pid: int) -> bool:
-    """Whether child ``pid`` has exited, without reaping it (WNOWAIT)."""
-    try:
-        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-    except ChildProcessError:
-        return True

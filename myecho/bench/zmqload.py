@@ -24,6 +24,8 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from myecho.core.sockets import raise_fd_limit
+
 HANDSHAKE = getattr(zmq, "EVENT_HANDSHAKE_SUCCEEDED", zmq.EVENT_CONNECTED)
 FAILED = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_CLOSED | zmq.EVENT_DISCONNECTED
 NS = 1_000_000_000
@@ -315,8 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gap", type=float, default=0.0)
     parser.add_argument("--src", default="")
     options = parser.parse_args(argv)
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit()
     load = Load(options.host, options.port, options.size, options.timeout, [s for s in options.src.split(",") if s])
     try:
         if options.mode == "single":

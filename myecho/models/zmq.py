@@ -34,7 +34,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import resource
 import socket
 import struct
 import time
@@ -48,7 +47,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from myecho.core.accepting import connection_ended, peer_name
 from myecho.core.runtime import Runtime
-from myecho.core.sockets import Listeners, zmq_endpoint
+from myecho.core.sockets import Listeners, raise_fd_limit, zmq_endpoint
 
 #: systemd's sockets, or one bound on HOST:PORT; --listen endpoints libzmq binds itself.
 LISTENERS = Listeners(endpoints="listen")
@@ -205,11 +204,7 @@ def connection_limit(backlog: int) -> int:
     """Connections a ROUTER may hold: the fd limit (raised to the hard one)
     minus what may still come from the backlogs once the door is closed,
     minus a margin for everything else."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+    soft = raise_fd_limit()
     with contextlib.suppress(OSError, ValueError):
         backlog = min(backlog, int(Path("/proc/sys/net/core/somaxconn").read_text()))
     return max(16, soft - backlog - FD_MARGIN)

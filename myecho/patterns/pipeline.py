@@ -46,6 +46,7 @@ from typing import Any
 import zmq
 
 from myecho.core.endpoints import BIND, CONNECT, attach, detach
+from myecho.core.sockets import free_port
 
 Context = zmq.Context[zmq.Socket[bytes]]
 JOBS = "tcp://127.0.0.1:11146"
@@ -329,6 +330,4 @@ def run(workers: int, count: int, size: int = 16, transport: str = "inproc", cos
 
 
 def _free_tcp() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
