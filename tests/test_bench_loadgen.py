@@ -89,9 +89,8 @@ def test_round_trips_against_the_limit_server() -> None:
 
 
 @pytest.fixture(params=["zmtp", "pyzmq"])
-def zmq_client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+def zmq_client(request: pytest.FixtureRequest) -> str:
     """Each zmq test with both clients: myecho-load's ZMTP, and pyzmq's REQ."""
-    monkeypatch.setattr(loadgen, "ZMQ_CLIENT", request.param)
     return str(request.param)
 
 
@@ -100,9 +99,9 @@ def test_zmq_client_against_the_zmq_model(zmq_client: str, model: str) -> None:
     """Both clients against the zmq model and its C limit (zmq-echo)."""
     server = Server.start(BY_NAME[model])
     try:
-        single = loadgen.run("zmq", "single", server.host, server.port, 60, trials=3, timeout=5)
-        burst = loadgen.burst("zmq", server.host, server.port, 50, 60, lambda result: None, timeout=5)
-        big = loadgen.run("zmq", "single", server.host, server.port, 60, trials=2, timeout=5, size=65536)
+        single = loadgen.run(zmq_client, "single", server.host, server.port, 60, trials=3, timeout=5)
+        burst = loadgen.burst(zmq_client, server.host, server.port, 50, 60, lambda result: None, timeout=5)
+        big = loadgen.run(zmq_client, "single", server.host, server.port, 60, trials=2, timeout=5, size=65536)
     finally:
         server.stop()
     assert single["trials"] == 3 and single["errors"] == {}
@@ -115,9 +114,9 @@ def test_zmq_round_trips_and_the_ramps_hold_mode(zmq_client: str) -> None:
     holder = None
     try:
         starts: list[float] = []
-        rr = loadgen.round_trips("zmq", server.host, server.port, 30, lambda: starts.append(1.0), conns=8,
+        rr = loadgen.round_trips(zmq_client, server.host, server.port, 30, lambda: starts.append(1.0), conns=8,
                                  duration=0.3, warmup=0.05)
-        holder = loadgen.Holder("zmq", server.host, server.port, [], timeout=5)
+        holder = loadgen.Holder(zmq_client, server.host, server.port, [], timeout=5)
         holder.send("open 20")
         opened = holder.result()
         holder.send("echo")
@@ -150,7 +149,7 @@ def test_zmtp_client_speaks_to_a_plain_rep_socket() -> None:
     thread = threading.Thread(target=serve)
     thread.start()
     try:
-        out = loadgen.run("zmq", "single", "127.0.0.1", port, 60, trials=5, timeout=5)
+        out = loadgen.run("zmtp", "single", "127.0.0.1", port, 60, trials=5, timeout=5)
     finally:
         stop.set()
         thread.join()
@@ -166,7 +165,7 @@ def babbling(conn: socket.socket) -> None:
 
 @pytest.mark.parametrize("faulty", [babbling], indirect=True)
 def test_zmtp_client_does_not_count_a_server_that_is_not_zeromq(faulty: Faulty) -> None:
-    out = loadgen.run("zmq", "single", "127.0.0.1", faulty.port, 60, trials=2, timeout=2)
+    out = loadgen.run("zmtp", "single", "127.0.0.1", faulty.port, 60, trials=2, timeout=2)
     assert out["trials"] == 0
     assert out["errors"] == {"other": 2}  # a bad greeting: neither connected nor a mismatch
 
@@ -174,7 +173,7 @@ def test_zmtp_client_does_not_count_a_server_that_is_not_zeromq(faulty: Faulty) 
 def test_zmq_client_says_refused_when_nothing_listens(zmq_client: str) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        out = loadgen.run("zmq", "single", "127.0.0.1", probe.getsockname()[1], 60, trials=2, timeout=1)
+        out = loadgen.run(zmq_client, "single", "127.0.0.1", probe.getsockname()[1], 60, trials=2, timeout=1)
     assert out["trials"] == 0
     assert set(out["errors"]) <= {"refused", "timeout"}
 
@@ -182,7 +181,7 @@ def test_zmq_client_says_refused_when_nothing_listens(zmq_client: str) -> None:
 def test_zmq_client_against_the_broker_and_its_workers(zmq_client: str) -> None:
     server = Server.start(BY_NAME["broker"])
     try:
-        single = loadgen.run("zmq", "single", server.host, server.port, 60, trials=3, timeout=10)
+        single = loadgen.run(zmq_client, "single", server.host, server.port, 60, trials=3, timeout=10)
         memory = server.memory()
     finally:
         server.stop()

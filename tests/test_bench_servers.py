@@ -13,7 +13,7 @@ import pytest
 from support import roundtrip
 
 from myecho.bench import procs
-from myecho.bench.servers import BY_NAME, Server, unavailable
+from myecho.bench.servers import BY_NAME, MODELS, SCENARIOS, Server, launch_command, unavailable
 
 
 @pytest.mark.parametrize(
@@ -35,6 +35,22 @@ def test_reference_servers_echo_and_stop(name: str) -> None:
     finally:
         server.stop()
     assert server.proc is not None and server.proc.returncode is not None
+
+
+def test_every_model_says_how_it_starts_by_its_fields(tmp_path: Path) -> None:
+    """One way to start per model, each giving a command line; no case by name."""
+    for model in MODELS:
+        ways = [bool(model.program), bool(model.serve), bool(model.pyserver), bool(model.inetd)]
+        assert ways.count(True) == 1, model.name
+        assert set(model.scenarios) <= set(SCENARIOS), model.name
+        launch = launch_command(model, 12345, tmp_path)
+        assert launch.argv, model.name
+    broker = launch_command(BY_NAME["broker-4"], 12345, tmp_path).argv[-1]
+    assert broker.count("serve worker") == 4 and "exec" in broker
+    launch_command(BY_NAME["inetd-xinetd-cps50"], 12345, tmp_path)
+    assert "cps" not in (tmp_path / "xinetd.conf").read_text()
+    launch_command(BY_NAME["inetd-xinetd"], 12345, tmp_path)
+    assert "cps         = 1000000 1" in (tmp_path / "xinetd.conf").read_text()
 
 
 def test_cpu_of_exited_children_is_counted() -> None:

@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     parser.add_argument(
         "--zmq-client",
-        choices=("zmtp", "pyzmq"),
+        choices=loadgen.ZMQ_CLIENTS,
         default="zmtp",
         help="the zmq models' load generator: myecho-load speaking ZMTP (default), or pyzmq REQ sockets "
         "(costs as much CPU as the server: a cross-check, not a measure)",
@@ -175,6 +175,7 @@ def settings_from(options: argparse.Namespace) -> Settings:
             if value <= 0:
                 raise SystemExit(f"myecho-bench: --{name.replace('_', '-')} must be positive")
             setattr(settings, name, value)
+    settings.zmq_client = options.zmq_client
     return settings
 
 
@@ -264,7 +265,6 @@ def pipeline_table(runs: list[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
-    loadgen.ZMQ_CLIENT = options.zmq_client
     if options.check_loadgen:
         from myecho.bench.validate import check_loadgen
 
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The inetd rows' floor, timed in this run: half before the models, half after.
     python = (startup.installed_interpreter() if targets else None) or inetd_command()[0]
     starts: list[float] = []
-    if any(model.name.startswith("inetd") for model in chosen):
+    if any(model.inetd for model in chosen):
         progress.prefix = ""
         progress(f"reference: {' '.join(startup.reference_argv(python))}, {settings.trials // 2} starts")
         starts += startup.time_starts(python, settings.trials // 2)
@@ -330,14 +330,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "multi_timeout_s": settings.multi_timeout,
             "ramp_limit": settings.ramp_limit,
             "single_gap_s": settings.single_gap,
-            "zmq_client": loadgen.ZMQ_CLIENT,
+            "zmq_client": settings.zmq_client,
         },
     }
     if pipeline:
         meta["pipeline"] = pipeline
     if starts:
         meta["interpreter_start"] = startup.interpreter_start(python, starts)
-    if options.installed and "inetd-systemd" in {model.name for model in chosen}:
+    if options.installed and any(model.inetd == "systemd" for model in chosen):
         unit = startup.socket_unit_settings()
         if unit is not None:
             meta["inetd_socket_unit"] = unit

@@ -4,7 +4,7 @@
 REQ socket: a pyzmq client costs about as much CPU per round trip as the
 zmq model it measures (and most of a 1,000-connection burst is pyzmq
 creating sockets), so it would measure itself. The pyzmq client
-(``myecho.bench.zmqload``, ``ZMQ_CLIENT = "pyzmq"``) is kept to
+(``myecho.bench.zmqload``, ``myecho-bench --zmq-client pyzmq``) is kept to
 cross-check: both speak the same command line and print one JSON object per
 line (see benchmarks/c/myecho-load.c), so a scenario never cares which one
 runs.
@@ -25,8 +25,8 @@ from typing import IO, Any
 from myecho.bench.servers import program
 
 Json = dict[str, Any]
-#: Which client measures the zmq models: "zmtp" (myecho-load) or "pyzmq".
-ZMQ_CLIENT = "zmtp"
+#: The clients of the zmq models: myecho-load speaking ZMTP, or pyzmq REQ sockets.
+ZMQ_CLIENTS = ("zmtp", "pyzmq")
 
 
 class LoadError(RuntimeError):
@@ -34,20 +34,25 @@ class LoadError(RuntimeError):
 
 
 def command(protocol: str, mode: str, host: str, port: int, **options: object) -> list[str]:
-    """argv of the load generator for ``protocol``: "tcp", "zmq" (``ZMQ_CLIENT``'s),
-    or a zmq client by name, "zmtp" or "pyzmq"."""
-    if protocol == "zmq":
-        protocol = ZMQ_CLIENT
+    """argv of the load generator for ``protocol``: "tcp", or a zmq client by
+    name, "zmtp" or "pyzmq" (``client_for`` picks one for a model)."""
     if protocol == "pyzmq":
         argv = [sys.executable, "-m", "myecho.bench.zmqload", mode]
     elif protocol == "zmtp":
         argv = [str(program("myecho-load")), mode, "--protocol", "zmtp"]
-    else:
+    elif protocol == "tcp":
         argv = [str(program("myecho-load")), mode]
+    else:
+        raise ValueError(f"no load generator {protocol!r}: tcp, zmtp or pyzmq")
     for name, value in options.items():
         if value is not None and value != "":
             argv += [f"--{name}", str(value)]
     return [*argv, host, str(port)]
+
+
+def client_for(protocol: str, zmq_client: str) -> str:
+    """The load generator of a model speaking ``protocol`` ("tcp" or "zmq")."""
+    return zmq_client if protocol == "zmq" else protocol
 
 
 def _parse(line: str, argv: list[str], stderr: str = "") -> Json:

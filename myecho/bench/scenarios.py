@@ -43,6 +43,8 @@ class Settings:
     ramp_limit: int = 20000
     ramp_budget: float = 240.0
     per_holder: dict[str, int] = field(default_factory=lambda: {"tcp": 9000, "zmq": 4000})
+    #: The zmq models' load generator (``loadgen.ZMQ_CLIENTS``).
+    zmq_client: str = "zmtp"
 
     @classmethod
     def quick(cls) -> Settings:
@@ -313,16 +315,11 @@ class Runner:
             return Server.attach(model, *target)
         return Server.start(model)
 
-    def scenarios(self, model: Model) -> list[str]:
-        if model.name == "inetd-xinetd-cps50":
-            return ["multi", "ramp"]  # its rate limit is the point; single trials would only trip it
-        return ["single", "multi", "throughput", "ramp"]
-
     def measure(self, model: Model, target: tuple[str, int] | None, only: set[str] | None = None) -> ModelResult:
         """Every scenario of ``model``, each against a fresh server (or the target)."""
         result = ModelResult(model.name, model.label, model.description, model.protocol, model.reference)
         steps: list[tuple[str, Callable[[Server], None]]] = []
-        for scenario in self.scenarios(model):
+        for scenario in model.scenarios:
             if only is not None and scenario not in only:
                 continue
             if scenario == "multi":  # one server per size: 1,000 must not start where 100 left off
@@ -345,6 +342,10 @@ class Runner:
                     server.stop()
         return result
 
+    def client(self, model: Model) -> str:
+        """The load generator that measures ``model``."""
+        return loadgen.client_for(model.protocol, self.settings.zmq_client)
+
     def load_options(self) -> dict[str, object]:
         return {"size": self.settings.message_size, "timeout": self.settings.timeout}
 
@@ -352,7 +353,7 @@ class Runner:
         trials, gap = self.settings.trials, self.settings.single_gap
         self.progress(f"{model.name}: single connection, {trials} trials, {gap * 1000:g} ms apart")
         out = loadgen.run(
-            model.protocol,
+            self.client(model),
             "single",
             server.host,
             server.port,
@@ -363,7 +364,13 @@ class Runner:
         )
         self.progress(f"{model.name}: single connection, {trials} trials, back to back")
         back_to_back = loadgen.run(
-            model.protocol, "single", server.host, server.port, trials * 5 + 60, trials=trials, **self.load_options()
+            self.client(model),
+            "single",
+            server.host,
+            server.port,
+            trials * 5 + 60,
+            trials=trials,
+            **self.load_options(),
         )
         result.single = SingleResult(
             int(out["trials"]),
@@ -376,8 +383,7 @@ class Runner:
 
     def multi(self, model: Model, result: ModelResult, count: int, server: Server) -> None:
         base = len(server.pids())
-        # After a rate-limited xinetd refused once, it stays off for 10 s: more runs would only repeat that.
-        repeats = 1 if model.name == "inetd-xinetd-cps50" else self.settings.repeats
+        repeats = model.multi_repeats or self.settings.repeats
         runs: list[dict[str, Any]] = []
         samples: list[Sample] = []
         for run in range(repeats):
@@ -386,7 +392,7 @@ class Runner:
             sample = Sample(server, count)
             runs.append(
                 loadgen.burst(
-                    model.protocol,
+                    self.client(model),
                     server.host,
                     server.port,
                     count,
@@ -427,7 +433,7 @@ class Runner:
                 self.progress(f"{model.name}: round trips, {clients} clients, run {run + 1}/{s.repeats}")
                 window: list[float | None] = []
                 out = loadgen.round_trips(
-                    model.protocol,
+                    self.client(model),
                     server.host,
                     server.port,
                     s.duration + s.warmup + 3 * s.timeout + 30,
@@ -532,7 +538,7 @@ class Runner:
             first = 2 + 4 * len(holders)
             local = server.host.startswith("127.")
             sources = [f"127.0.0.{first + k}" for k in range(4)] if local else []
-            holder = loadgen.Holder(model.protocol, server.host, server.port, sources, **self.load_options())
+            holder = loadgen.Holder(self.client(model), server.host, server.port, sources, **self.load_options())
             holders.append(holder)
             take = min(new, capacity)
             plan.append((holder, take))

@@ -38,42 +38,86 @@ INSTALLED_PORTS = {
     "zmq": DEFAULT_PORTS["zmq"],
     "broker": DEFAULT_PORTS["broker"],
 }
-#: Workers the bench starts behind its broker: one per core of this kind of machine.
-BROKER_WORKERS = 2
+#: Every scenario, in the order they run.
+SCENARIOS = ("single", "multi", "throughput", "ramp")
 
 
 @dataclass(frozen=True)
 class Model:
-    """One row of the tables."""
+    """One row of the tables: what it is, how to start it, what to measure.
+
+    Exactly one of ``program``, ``serve``, ``pyserver`` and ``inetd`` says
+    how it starts (``serve`` with ``broker_workers``: a broker and workers).
+    """
 
     name: str
     label: str
     protocol: str  # "tcp" or "zmq"
     description: str
     reference: bool = False  # measured to compare against, not one of myecho's models
+    #: A C program of the package: myecho-c, epoll-echo, zmq-echo.
+    program: str = ""
+    #: The arguments of ``myecho serve``.
+    serve: tuple[str, ...] = ()
+    #: Workers (``myecho serve worker``) behind the ``myecho serve broker`` of ``serve``.
+    broker_workers: int = 0
+    #: The bare Python servers (``bench.pyservers``) on this loop: asyncio, uvloop.
+    pyserver: str = ""
+    #: The inetd model under a super-server: "xinetd" or "systemd" (socket activation, Accept=yes).
+    inetd: str = ""
+    #: xinetd keeps its default rate limit (cps = 50 10) instead of lifted limits.
+    xinetd_default_limits: bool = False
+    #: A Python module it needs (not a dependency of myecho).
+    module: str = ""
+    #: The scenarios it is measured in.
+    scenarios: tuple[str, ...] = SCENARIOS
+    #: Runs of each "multi" size; None: as many as the settings say.
+    multi_repeats: int | None = None
 
 
 MODELS = (
-    Model("c", "C (myecho-c)", "tcp", "the talk's C echo, fork per connection, corrected: the reference", True),
-    Model("epoll", "C epoll (limit)", "tcp", "a minimal single-threaded C epoll echo: the limit", True),
+    Model(
+        "c",
+        "C (myecho-c)",
+        "tcp",
+        "the talk's C echo, fork per connection, corrected: the reference",
+        True,
+        program="myecho-c",
+    ),
+    Model(
+        "epoll",
+        "C epoll (limit)",
+        "tcp",
+        "a minimal single-threaded C epoll echo: the limit",
+        True,
+        program="epoll-echo",
+    ),
     Model(
         "zmq-c",
         "C libzmq (limit)",
         "zmq",
         "a minimal C ROUTER echo on libzmq, set up as the zmq model: the limit of the zmq models",
         True,
+        program="zmq-echo",
     ),
     Model(
         "inetd-xinetd",
         "inetd by xinetd",
         "tcp",
         "the inetd model (python3 -I -S inetd.py) under a private xinetd, cps lifted",
+        inetd="xinetd",
     ),
     Model(
         "inetd-xinetd-cps50",
         "inetd by xinetd, cps 50",
         "tcp",
         "the same with xinetd's default rate limit (cps = 50 10): the talk's '< 120'",
+        inetd="xinetd",
+        xinetd_default_limits=True,
+        # Its rate limit is the point: single trials would only trip it, and once
+        # it refused, xinetd stays off for 10 s: more runs would only repeat that.
+        scenarios=("multi", "ramp"),
+        multi_repeats=1,
     ),
     Model(
         "inetd-systemd",
@@ -81,42 +125,76 @@ MODELS = (
         "tcp",
         "the inetd model behind systemd-socket-activate --inetd -a (Accept=yes); --installed: "
         "myecho-inetd.socket and its sandboxed unit per connection, as shipped",
+        inetd="systemd",
     ),
-    Model("fork", "fork", "tcp", "myecho serve fork: one child per connection, forked ahead by the spawner"),
+    Model(
+        "fork",
+        "fork",
+        "tcp",
+        "myecho serve fork: one child per connection, forked ahead by the spawner",
+        serve=("fork",),
+    ),
     Model(
         "fork-classic",
         "fork, after accept",
         "tcp",
         "myecho serve fork --spare-children 0: the talk's shape, a fork between accept and the first echo",
+        serve=("fork", "--spare-children", "0"),
     ),
-    Model("select", "select", "tcp", "myecho serve select: one process, one epoll loop"),
+    Model("select", "select", "tcp", "myecho serve select: one process, one epoll loop", serve=("select",)),
     Model(
         "select-2",
         "select, 2 workers",
         "tcp",
         "myecho serve select --workers 2: two epoll loops, each a process, on one listening socket",
+        serve=("select", "--workers", "2"),
     ),
     Model(
         "aio",
         "asyncio model",
         "tcp",
         "myecho serve asyncio: asyncio.Protocol with myecho's shared layer, on uvloop when installed",
+        serve=("asyncio",),
     ),
-    Model("zmq", "zmq", "zmq", "myecho serve zmq: ROUTER socket, measured with REQ clients"),
-    Model("broker-1", "zmq broker, 1 worker", "zmq", "myecho serve broker with 1 myecho serve worker behind it"),
+    Model("zmq", "zmq", "zmq", "myecho serve zmq: ROUTER socket, measured with REQ clients", serve=("zmq",)),
+    Model(
+        "broker-1",
+        "zmq broker, 1 worker",
+        "zmq",
+        "myecho serve broker with 1 myecho serve worker behind it",
+        serve=("broker",),
+        broker_workers=1,
+    ),
     Model(
         "broker",
         "zmq broker, 2 workers",
         "zmq",
         "myecho serve broker (REQ clients on the frontend) with 2 myecho serve worker behind it",
+        serve=("broker",),
+        broker_workers=2,  # one per core of this kind of machine
     ),
-    Model("broker-4", "zmq broker, 4 workers", "zmq", "myecho serve broker with 4 myecho serve worker behind it"),
-    Model("asyncio", "Python asyncio", "tcp", "asyncio.Protocol echo on the standard loop", True),
-    Model("uvloop", "Python uvloop", "tcp", "asyncio.Protocol echo on uvloop", True),
+    Model(
+        "broker-4",
+        "zmq broker, 4 workers",
+        "zmq",
+        "myecho serve broker with 4 myecho serve worker behind it",
+        serve=("broker",),
+        broker_workers=4,
+    ),
+    Model("asyncio", "Python asyncio", "tcp", "asyncio.Protocol echo on the standard loop", True, pyserver="asyncio"),
+    Model(
+        "uvloop",
+        "Python uvloop",
+        "tcp",
+        "asyncio.Protocol echo on uvloop",
+        True,
+        pyserver="uvloop",
+        module="uvloop",
+    ),
 )
 BY_NAME = {model.name: model for model in MODELS}
-#: The references that are C programs of the package: model -> program.
-C_PROGRAMS = {"c": "myecho-c", "epoll": "epoll-echo", "zmq-c": "zmq-echo"}
+#: What a C program that was not built needs.
+BUILD_NEEDS = {"zmq-echo": "no libzmq3-dev at install: apt-get install libzmq3-dev, reinstall"}
 
 XINETD_SERVICE = """\
 service myecho-bench
@@ -176,19 +254,18 @@ def xinetd_path() -> str | None:
 
 def unavailable(model: Model) -> str | None:
     """Why this model cannot be measured here, or None if it can."""
-    if model.name in C_PROGRAMS:
-        binary = program(C_PROGRAMS[model.name])
+    if model.program:
+        binary = program(model.program)
         if binary.exists():
             return None
-        if model.name == "zmq-c":
-            return f"{binary} was not built (no libzmq3-dev at install: apt-get install libzmq3-dev, reinstall)"
-        return f"{binary} was not built (no C compiler at install?)"
-    if model.name.startswith("inetd-xinetd"):
+        return f"{binary} was not built ({BUILD_NEEDS.get(model.program, 'no C compiler at install?')})"
+    if model.inetd == "xinetd":
         return None if xinetd_path() else "xinetd is not installed (apt-get install xinetd)"
-    if model.name == "inetd-systemd":
+    if model.inetd == "systemd":
         return None if shutil.which("systemd-socket-activate") else "systemd-socket-activate is missing"
-    if model.name == "uvloop":
-        return None if importlib.util.find_spec("uvloop") else "uvloop is not installed (pip install uvloop)"
+    if model.module:
+        found = importlib.util.find_spec(model.module)
+        return None if found else f"{model.module} is not installed (pip install {model.module})"
     return None
 
 
@@ -201,33 +278,25 @@ class Launch:
 def launch_command(model: Model, port: int, workdir: Path) -> Launch:
     """The command line that runs ``model`` on 127.0.0.1:``port``."""
     myecho = myecho_command()
-    python_model = ["--port", str(port), "--graceful-timeout", "1", "--log-level", "warning"]
-    if model.name in C_PROGRAMS:
-        return Launch([str(program(C_PROGRAMS[model.name])), "--host", "127.0.0.1", str(port)], False)
-    if model.name in ("fork", "select", "zmq"):
-        return Launch([myecho, "serve", model.name, *python_model], True)
-    if model.name == "select-2":
-        return Launch([myecho, "serve", "select", "--workers", "2", *python_model], True)
-    if model.name == "aio":
-        return Launch([myecho, "serve", "asyncio", *python_model], True)
-    if model.name == "fork-classic":
-        return Launch([myecho, "serve", "fork", "--spare-children", "0", *python_model], True)
-    if model.name in ("asyncio", "uvloop"):
-        return Launch([sys.executable, "-m", "myecho.bench.pyservers", model.name, "--port", str(port)], True)
-    if model.name.startswith("broker"):
+    quiet = ["--log-level", "warning", "--graceful-timeout", "1"]
+    if model.program:
+        return Launch([str(program(model.program)), "--host", "127.0.0.1", str(port)], False)
+    if model.broker_workers:
         # One process tree: the shell starts the workers, then becomes the broker (exec), their parent.
-        workers = int(model.name.partition("-")[2] or BROKER_WORKERS)
         backend = f"ipc://{workdir / 'backend'}"
-        quiet = ["--log-level", "warning", "--graceful-timeout", "1"]
         worker = shlex.join([myecho, "serve", "worker", "--connect", backend, *quiet])
-        broker = shlex.join([myecho, "serve", "broker", "--port", str(port), "--backend", backend, *quiet])
-        return Launch(["/bin/sh", "-c", f"{' & '.join([worker] * workers)} & exec {broker}"], False)
+        broker = shlex.join([myecho, "serve", *model.serve, "--port", str(port), "--backend", backend, *quiet])
+        return Launch(["/bin/sh", "-c", f"{' & '.join([worker] * model.broker_workers)} & exec {broker}"], False)
+    if model.serve:
+        return Launch([myecho, "serve", *model.serve, "--port", str(port), *quiet], True)
+    if model.pyserver:
+        return Launch([sys.executable, "-m", "myecho.bench.pyservers", model.pyserver, "--port", str(port)], True)
     inetd = inetd_command()
-    if model.name == "inetd-systemd":
+    if model.inetd == "systemd":
         tool = shutil.which("systemd-socket-activate") or "systemd-socket-activate"
         return Launch([tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", *inetd], False)
-    if model.name.startswith("inetd-xinetd"):
-        limits = "" if model.name.endswith("cps50") else XINETD_LIFTED
+    if model.inetd == "xinetd":
+        limits = "" if model.xinetd_default_limits else XINETD_LIFTED
         config = workdir / "xinetd.conf"
         config.write_text(
             XINETD_SERVICE.format(
