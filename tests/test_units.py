@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from support import command
+from support import ServeFactory, command
 
 from myecho import reference
 from myecho.core import sockets
@@ -111,3 +112,20 @@ def test_inetd_write_error_exits_non_zero_and_silent() -> None:
         os.close(read_only)
     assert result.returncode == 1
     assert result.stderr == b""
+
+
+def _caught(pid: int) -> int:
+    """The mask of signals ``pid`` has a handler for (SigCgt in /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return int(line.split()[1], 16)
+    raise AssertionError("no SigCgt line")
+
+
+@pytest.mark.parametrize(("model", "forks"), [("select", False), ("zmq", False), ("fork", True)])
+def test_only_a_model_that_forks_watches_sigchld(serve: ServeFactory, model: str, forks: bool) -> None:
+    """A child's exit wakes only a loop that has children to reap."""
+    server = serve(model)
+    caught = _caught(server.proc.pid)
+    assert caught & (1 << (signal.SIGTERM - 1)) and caught & (1 << (signal.SIGHUP - 1))
+    assert bool(caught & (1 << (signal.SIGCHLD - 1))) == forks

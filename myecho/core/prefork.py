@@ -237,6 +237,7 @@ class Supervisor:
     def run(self) -> None:
         rt = self.rt
         where = ", ".join(describe(sock) for sock in rt.listeners)
+        rt.signals.watch(signal.SIGCHLD)  # wakes the loop to reap a worker
         self.selector.register(rt.signals, selectors.EVENT_READ, None)
         while not (rt.stopping and not self.workers):
             if not rt.stopping:

@@ -67,7 +67,6 @@ class Runtime:
         self.stats = Stats()
         self.stopping = False
         self.stop_deadline = float("inf")
-        self.pending_signals: list[int] = []
         now = time.monotonic()
         self._next_status = now
         self._next_watchdog = now
@@ -100,17 +99,14 @@ class Runtime:
         self.signals.close()
 
     # -- signals ------------------------------------------------------------
-    def on_signals(self) -> list[int]:
-        """Act on TERM/INT (stop) and HUP (reload); return the others (CHLD)."""
-        others = []
+    def on_signals(self) -> None:
+        """Act on TERM/INT (stop) and HUP (reload); a model that watches
+        SIGCHLD reaps its children in its own loop."""
         for signum in self.signals.drain():
             if signum in STOP_SIGNALS:
                 self.begin_stop(signal.Signals(signum).name)
             elif signum == signal.SIGHUP:
                 self.reload()
-            else:
-                others.append(signum)
-        return others
 
     def reload(self) -> None:
         """Re-read the config file and reopen logs; connections stay open.

@@ -11,7 +11,9 @@ import socket
 from types import FrameType
 
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
-WATCHED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+#: What every model acts on; a model that forks adds SIGCHLD (``watch``),
+#: so that the others are never woken for a child they do not have.
+WATCHED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _note(signum: int, frame: FrameType | None) -> None:
@@ -25,10 +27,16 @@ class SignalWatcher:
         self._reader, self._writer = socket.socketpair()
         self._reader.setblocking(False)
         self._writer.setblocking(False)
-        self._signals = signals
+        self._signals: list[signal.Signals] = []
         self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self.watch(*signals)
+
+    def watch(self, *signals: signal.Signals) -> None:
+        """Note these signals too (the fork model and the prefork supervisor: SIGCHLD)."""
         for signum in signals:
-            signal.signal(signum, _note)
+            if signum not in self._signals:
+                signal.signal(signum, _note)
+                self._signals.append(signum)
 
     def fileno(self) -> int:
         return self._reader.fileno()

@@ -522,6 +522,7 @@ class ForkServer:
     def serve(self) -> None:
         rt = self.rt
         raise_fd_limit()  # the parent keeps a copy of every connection
+        rt.signals.watch(signal.SIGCHLD)  # wakes the loop to reap a child
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead spawner's busy children become ours
         self.selector.register(rt.signals, selectors.EVENT_READ, "signals")
         # Objects that exist now are shared with every child: keep the garbage
