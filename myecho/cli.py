@@ -1,9 +1,9 @@
 """The ``myecho`` command: argument parsing only, then a model runs.
 
 ``myecho serve inetd`` runs once per connection under xinetd or systemd
-``Accept=yes``, so it takes a fast path that imports nothing else: argparse
-alone costs about 12 ms of Python start-up, which is most of the budget of
-the first exchange. The ``myecho`` script (bin/myecho) takes that path
+``Accept=yes``, so it takes a fast path that imports nothing else: importing
+argparse alone would add a large share of Python's start-up to the first
+exchange, and start-up is that model's whole cost. The ``myecho`` script (bin/myecho) takes that path
 before it even imports this module; ``main()`` keeps it for other callers.
 Everything else goes through argparse.
 """

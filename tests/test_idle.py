@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from support import ServeFactory, Server, roundtrip, wait_status, wait_until
 
-#: The size of the flood in the issue: idle sockets held open, never a byte sent.
+#: An idle-connection flood: sockets held open, never a byte sent.
 FLOOD = 2000
 
 

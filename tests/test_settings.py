@@ -71,7 +71,7 @@ def test_types_and_choices() -> None:
 
 
 def test_a_bad_line_applies_nothing(tmp_path: Path) -> None:
-    """The issue's case: a valid line before a bad one must not stay applied."""
+    """A valid line before a bad one must not stay applied."""
     config = write(tmp_path, "MYECHO_MAX_CONNECTIONS=5\nMYECHO_BUFFER_LIMIT=lots\n")
     with pytest.raises(SettingsError, match=r"default:2: bad value for MYECHO_BUFFER_LIMIT"):
         load("select", config, {})

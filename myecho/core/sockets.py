@@ -7,6 +7,10 @@ network privileges at all. Started by hand, the daemon binds them itself,
 with a backlog large enough for the talk's 1,000 simultaneous connections
 (PHP's default of 32 and libzmq's 100 are what made the talk's figures
 climb to a minute: SYN retransmissions, not code).
+
+Each model declares what it needs (``Listeners``: systemd's sockets, one
+bound on HOST:PORT, sockets by role, or none when libzmq binds its own
+endpoints), and start-up gets them the same way for every model.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ PREFORK = False
 
 SPAWNER = Path(__file__).with_name("spawner.py")
 #: Seconds without a handover before the spares are topped up (while at
-#: least half are left). Longer than a first exchange here (about 0.5 ms),
+#: least half are left). Longer than a first exchange (under a millisecond),
 #: short enough that a pool drawn on every few ms still refills.
 REPLENISH_DELAY = 0.003
 #: A spare asked of the spawner and not received after this long: the

@@ -1,8 +1,8 @@
 """The fork model's spawner: a small process that forks children ahead of need.
 
-Forking costs in proportion to the memory of the process that forks (about
-25 µs per MB on the machines this was measured on, plus the copy-on-write
-faults the child then takes). The fork model's parent holds the whole
+Forking costs in proportion to the memory of the process that forks (its
+page tables are copied), plus the copy-on-write faults the child then
+takes. The fork model's parent holds the whole
 shared layer, about 20 MB, so a fork there costs ten times what the C
 reference's does, and in the talk's shape that cost sits between a
 client's connect and its first echo. This process is started afresh
@@ -140,8 +140,8 @@ def serve_connection(conn: socket.socket, slots: mmap.mmap | None, slot: int) ->
 
 def warm_up() -> None:
     """Echo one byte over a socketpair: a fresh child's first run through the
-    echo path takes copy-on-write faults (refcounts on shared pages), about
-    100 µs here; take them while waiting, not on the first client's clock."""
+    echo path takes copy-on-write faults (refcounts on shared pages): take
+    them while waiting, not on the first client's clock."""
     ours, theirs = socket.socketpair()
     with ours:
         ours.sendall(b"w")

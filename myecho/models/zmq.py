@@ -61,8 +61,8 @@ RECEIVE_HIGH_WATER = 32
 BATCH = 256
 DRAIN_IDLE = 0.2
 #: libzmq's I/O threads accept connections and run their ZMTP handshakes:
-#: with two, a burst of 1,000 new clients was set up 15-35 % faster on a
-#: 2-core VM (libzmq's default is one; this loop stays single-threaded).
+#: two set a burst of new clients up sooner than libzmq's default of one,
+#: while this loop stays single-threaded.
 IO_THREADS = 2
 #: Unread replies one client may leave with us (plus one message), and all together.
 CLIENT_UNREAD = 16 * 1024 * 1024

@@ -1,8 +1,11 @@
 """ZeroMQ beyond REQ/REP: the talk's last slides, as working pieces.
 
-``endpoints`` (how every socket here is attached: bind or connect, any
-transport), ``heartbeat`` (the broker-worker protocol), ``pipeline``
-(ventilator, workers, sink), ``pubsub`` (publisher, subscribers) and
-``measure`` (throughput figures for myecho-bench). The broker and its
-worker are daemon models: ``myecho.models.broker``, ``myecho.models.worker``.
+    pipeline    a ventilator, N workers and a sink (PUSH/PULL), each job
+                checked done exactly once
+    pubsub      a publisher and subscribers with topic filters
+    cli         ``myecho pipeline ...`` and ``myecho pubsub ...``
+
+Every socket here is attached by ``core.endpoints``. The broker and its
+workers serve like the other models: ``models.broker``, ``models.worker``;
+their figures come from ``bench.measure``.
 """

@@ -27,8 +27,8 @@ head of the batch while the others are still connecting.
 The sink checks that every job came back exactly once with its payload
 intact. The ventilator waits for that verdict before it closes: libzmq's
 linger only empties a socket's queues into its connections, and the jobs
-still in a connection's buffers are lost when it closes (measured: the
-last few hundred of 20,000 jobs over ipc). A job that dies with its
+still in a connection's buffers are lost when it closes (the tail of a
+large batch). A job that dies with its
 worker is reported missing, not retried: PUSH/PULL has no
 acknowledgements, which is what the broker's protocol adds.
 """

@@ -29,7 +29,7 @@ SERVICES = (
     *(f"myecho@{m}.service" for m in (*MODELS, "broker")),
     "myecho-inetd@0-127.0.0.1:11143-127.0.0.1:1.service",
 )
-#: The issue's bound is 1.0; with the socket held by systemd we aim under 0.5.
+#: systemd-analyze security's exposure: 1.0 at most; with the socket held by systemd, under 0.5.
 MAX_EXPOSURE = 0.5
 #: A broker worker connects out (no PrivateNetwork=, AF_INET allowed) and
 #: libzmq needs sched_setscheduler; an IP allow list of localhost (the default
