@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import zmq
     from support import ServeFactory, Server
 
+
 @pytest.fixture
 def serve() -> Iterator[ServeFactory]:
     """serve(model, *args, env=None) -> a ready Server; killed at teardown."""
@@ -25,8 +26,9 @@ def serve() -> Iterator[ServeFactory]:
 
     started: list[Server] = []
 
-    def start(model: str, *extra: str, env: dict[str, str] | None = None, port: int | None = None,
-              ready: bool = True) -> Server:
+    def start(
+        model: str, *extra: str, env: dict[str, str] | None = None, port: int | None = None, ready: bool = True
+    ) -> Server:
         port = port or free_port()
         server = Server(server_argv(model, port, *extra), port, env=env, notify=model != "c")
         started.append(server)

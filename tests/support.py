@@ -44,8 +44,9 @@ def command(name: str) -> str:
 class Server(ServerProcess):
     """A running server process on a loopback port; its stderr kept in ``stderr_lines``."""
 
-    def __init__(self, argv: list[str], port: int, env: dict[str, str] | None = None,
-                 notify: bool = True, **popen: object) -> None:
+    def __init__(
+        self, argv: list[str], port: int, env: dict[str, str] | None = None, notify: bool = True, **popen: object
+    ) -> None:
         self.port = port
         self.host = "::1" if "::1" in argv else "127.0.0.1"
         super().__init__(argv, env=env, notify=notify, stderr=subprocess.PIPE, **popen)
@@ -104,8 +105,9 @@ def server_argv(model: str, port: int, *extra: str) -> list[str]:
     return [command("myecho"), "serve", model, "--port", str(port), *extra]
 
 
-def wait_listening(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None,
-                   host: str = "127.0.0.1") -> None:
+def wait_listening(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None, host: str = "127.0.0.1"
+) -> None:
     harness.wait_listening(host, port, timeout, proc)
 
 
@@ -137,12 +139,13 @@ def odd_chunks(data: bytes, seed: int = 11) -> Iterator[bytes]:
     offset = 0
     while offset < len(data):
         size = rng.choice((1, 2, 3, 7, 511, 512, 513, 4095, 65537, 99991))
-        yield data[offset:offset + size]
+        yield data[offset : offset + size]
         offset += size
 
 
-def exchange(sock: socket.socket, payload: bytes, chunks: Iterator[bytes] | None = None,
-             half_close: bool = True) -> bytes:
+def exchange(
+    sock: socket.socket, payload: bytes, chunks: Iterator[bytes] | None = None, half_close: bool = True
+) -> bytes:
     """Send payload (in chunks) while reading concurrently; return what came back.
 
     Sending and reading at once matters: an echo of 10 MiB cannot fit in

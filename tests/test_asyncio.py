@@ -25,8 +25,9 @@ def test_loop_is_the_one_asked_for(serve: ServeFactory, loop: str) -> None:
 def test_unknown_loop_in_the_settings_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "myecho"
     config.write_text("MYECHO_LOOP=libev\n")
-    result = subprocess.run(server_argv("asyncio", free_port(), "--config", str(config)), capture_output=True,
-                            text=True, timeout=10)
+    result = subprocess.run(
+        server_argv("asyncio", free_port(), "--config", str(config)), capture_output=True, text=True, timeout=10
+    )
     lines = result.stderr.strip().splitlines()
     assert result.returncode == EXIT_BAD_CONFIG and len(lines) == 1, result.stderr
     assert "loop 'libev' is not auto, asyncio or uvloop" in lines[0]

@@ -78,8 +78,9 @@ def test_round_trips_against_the_limit_server() -> None:
     server = Server.start(BY_NAME["epoll"])
     try:
         starts: list[float] = []
-        out = loadgen.round_trips("tcp", server.host, server.port, 30, lambda: starts.append(1.0), conns=8,
-                                  duration=0.3, warmup=0.05)
+        out = loadgen.round_trips(
+            "tcp", server.host, server.port, 30, lambda: starts.append(1.0), conns=8, duration=0.3, warmup=0.05
+        )
     finally:
         server.stop()
     assert starts == [1.0]
@@ -114,8 +115,9 @@ def test_zmq_round_trips_and_the_ramps_hold_mode(zmq_client: str) -> None:
     holder = None
     try:
         starts: list[float] = []
-        rr = loadgen.round_trips(zmq_client, server.host, server.port, 30, lambda: starts.append(1.0), conns=8,
-                                 duration=0.3, warmup=0.05)
+        rr = loadgen.round_trips(
+            zmq_client, server.host, server.port, 30, lambda: starts.append(1.0), conns=8, duration=0.3, warmup=0.05
+        )
         holder = loadgen.Holder(zmq_client, server.host, server.port, [], timeout=5)
         holder.send("open 20")
         opened = holder.result()

@@ -15,9 +15,22 @@ SCHEMA = json.loads((Path(__file__).parent.parent / "benchmarks" / "results.sche
 def test_quick_run_prints_both_tables_and_valid_json(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [command("myecho-bench"), "--quick", "--models", "c,select,zmq", "--talk", "--ratios",
-         "--ramp-limit", "500", "--json", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
+        [
+            command("myecho-bench"),
+            "--quick",
+            "--models",
+            "c,select,zmq",
+            "--talk",
+            "--ratios",
+            "--ramp-limit",
+            "500",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     text = done.stdout
@@ -46,14 +59,28 @@ def test_quick_run_prints_both_tables_and_valid_json(tmp_path: Path) -> None:
 def test_help_defines_every_column() -> None:
     done = subprocess.run([command("myecho-bench"), "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
-    for column in ("Connect", "Exchange 1", "Exchange 2", "N connections", "N messages", "Maximum", "round trips",
-                   "server CPU/echo", "memory", "--quick", "--target", "--installed", "--json"):
+    for column in (
+        "Connect",
+        "Exchange 1",
+        "Exchange 2",
+        "N connections",
+        "N messages",
+        "Maximum",
+        "round trips",
+        "server CPU/echo",
+        "memory",
+        "--quick",
+        "--target",
+        "--installed",
+        "--json",
+    ):
         assert column in done.stdout
 
 
 def test_bad_target_is_one_line() -> None:
-    done = subprocess.run([command("myecho-bench"), "--target", "nosuch=1.2.3.4:5"], capture_output=True, text=True,
-                          timeout=30)
+    done = subprocess.run(
+        [command("myecho-bench"), "--target", "nosuch=1.2.3.4:5"], capture_output=True, text=True, timeout=30
+    )
     assert done.returncode != 0
     assert "bad --target" in done.stderr and "Traceback" not in done.stderr
 
@@ -62,9 +89,23 @@ def test_target_mode_measures_a_running_service(serve: ServeFactory, tmp_path: P
     server = serve("select")
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [command("myecho-bench"), "--target", f"select=127.0.0.1:{server.port}", "--scenarios", "single,multi",
-         "--trials", "5", "--repeats", "1", "--json", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
+        [
+            command("myecho-bench"),
+            "--target",
+            f"select=127.0.0.1:{server.port}",
+            "--scenarios",
+            "single,multi",
+            "--trials",
+            "5",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     document = json.loads(out.read_text())
@@ -83,9 +124,22 @@ def test_installed_mode_says_which_services_are_not_running(tmp_path: Path) -> N
     """Whatever this machine runs on the contract's ports, every row is measured or says why not."""
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [command("myecho-bench"), "--installed", "--models", "fork", "--scenarios", "single", "--trials", "3",
-         "--json", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
+        [
+            command("myecho-bench"),
+            "--installed",
+            "--models",
+            "fork",
+            "--scenarios",
+            "single",
+            "--trials",
+            "3",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     (result,) = json.loads(out.read_text())["models"]

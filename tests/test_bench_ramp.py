@@ -80,12 +80,32 @@ def test_memory_guard_stops_when_memory_is_already_short() -> None:
 
 
 def test_process_guard_for_a_process_per_connection() -> None:
-    why = guard(observation(connections=10000, server_processes_per_connection=1.0, system_processes=22000,
-                            mem_drop_per_connection=1024.0), 20000, 2 * GIB, 32768, 10.0, 240.0)
+    why = guard(
+        observation(
+            connections=10000,
+            server_processes_per_connection=1.0,
+            system_processes=22000,
+            mem_drop_per_connection=1024.0,
+        ),
+        20000,
+        2 * GIB,
+        32768,
+        10.0,
+        240.0,
+    )
     assert why is not None and why[0] == "process guard"
     # The same step for a one-process server is fine.
-    assert guard(observation(connections=10000, system_processes=400, mem_drop_per_connection=1024.0),
-                 20000, 2 * GIB, 32768, 10.0, 240.0) is None
+    assert (
+        guard(
+            observation(connections=10000, system_processes=400, mem_drop_per_connection=1024.0),
+            20000,
+            2 * GIB,
+            32768,
+            10.0,
+            240.0,
+        )
+        is None
+    )
 
 
 def test_time_budget() -> None:

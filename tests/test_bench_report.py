@@ -80,12 +80,28 @@ def report(**options: bool) -> Report:
         "command": "myecho-bench --quick",
         "mode": "local",
         "quick": True,
-        "machine": {"kernel": "6", "cpu": "x", "cores": 2, "memory_bytes": 1, "python": "3.11", "fd_limit": 20000,
-                    "pid_max": 32768},
+        "machine": {
+            "kernel": "6",
+            "cpu": "x",
+            "cores": 2,
+            "memory_bytes": 1,
+            "python": "3.11",
+            "fd_limit": 20000,
+            "pid_max": 32768,
+        },
         "load_average": {"start": [0.1, 0.2, 0.3], "end": [0.1, 0.2, 0.3]},
-        "settings": {"trials": 40, "repeats": 1, "connections": [100, 1000], "clients": [1, 32, 256],
-                     "duration_s": 0.5, "warmup_s": 0.1, "message_bytes": 64, "timeout_s": 5.0, "multi_timeout_s": 15.0,
-                     "ramp_limit": 1000},
+        "settings": {
+            "trials": 40,
+            "repeats": 1,
+            "connections": [100, 1000],
+            "clients": [1, 32, 256],
+            "duration_s": 0.5,
+            "warmup_s": 0.1,
+            "message_bytes": 64,
+            "timeout_s": 5.0,
+            "multi_timeout_s": 15.0,
+            "ramp_limit": 1000,
+        },
     }
     return Report(results, meta, **options)
 

@@ -122,8 +122,10 @@ def test_the_talks_php_client_through_the_broker(pool: Callable[..., Pool]) -> N
     php = shutil.which("php")
     assert php, "php is missing: apt-get install php-cli php-zmq"
     p = pool(1)
-    code = f"$c = new ZMQSocket(new ZMQContext(), ZMQ::SOCKET_REQ); $c->connect('{p.url}');" \
-           "$c->send('bonjour'); print($c->recv());"
+    code = (
+        f"$c = new ZMQSocket(new ZMQContext(), ZMQ::SOCKET_REQ); $c->connect('{p.url}');"
+        "$c->send('bonjour'); print($c->recv());"
+    )
     result = subprocess.run([php, "-r", code], capture_output=True, timeout=30)
     assert result.stdout == b"bonjour", result.stderr.decode()
 
@@ -231,8 +233,9 @@ def test_every_direction_reversed_over_ipc(tmp_path: Path, context: Context) -> 
     client.setsockopt(zmq.RCVTIMEO, 10_000)
     client.bind(clients)
     worker = Server([command("myecho"), "serve", "worker", "--connect", "@" + workers, *FAST], 0)
-    broker = Server([command("myecho"), "serve", "broker", "--frontend", ">" + clients,
-                     "--backend", ">" + workers, *FAST], 0)
+    broker = Server(
+        [command("myecho"), "serve", "broker", "--frontend", ">" + clients, "--backend", ">" + workers, *FAST], 0
+    )
     try:
         assert worker.notify is not None
         assert "bound, waiting for the broker" in worker.notify.wait_for("READY", "1")["STATUS"]
@@ -257,8 +260,19 @@ def test_sockets_from_systemd(context: Context) -> None:
     tool = shutil.which("systemd-socket-activate")
     assert tool, "systemd-socket-activate is missing: apt-get install systemd"
     # Named the other way round on purpose: names win over order.
-    argv = [tool, f"--listen=127.0.0.1:{back}", f"--listen=127.0.0.1:{front}", "--fdname=backend:frontend",
-            *setenv, command("myecho"), "serve", "broker", "--port", str(free_port()), *FAST]
+    argv = [
+        tool,
+        f"--listen=127.0.0.1:{back}",
+        f"--listen=127.0.0.1:{front}",
+        "--fdname=backend:frontend",
+        *setenv,
+        command("myecho"),
+        "serve",
+        "broker",
+        "--port",
+        str(free_port()),
+        *FAST,
+    ]
     broker = subprocess.Popen(argv, stderr=subprocess.PIPE)
     worker = Server([command("myecho"), "serve", "worker", "--connect", f"tcp://127.0.0.1:{back}", *FAST], 0)
     try:
@@ -275,8 +289,7 @@ def test_sockets_from_systemd(context: Context) -> None:
         notify.close()
 
 
-def test_the_worker_reads_the_brokers_address_from_the_config_file(tmp_path: Path,
-                                                                     pool: Callable[..., Pool]) -> None:
+def test_the_worker_reads_the_brokers_address_from_the_config_file(tmp_path: Path, pool: Callable[..., Pool]) -> None:
     p = pool(0)
     config = tmp_path / "default"
     config.write_text(f"MYECHO_WORKER_CONNECT={p.backend}\nMYECHO_HEARTBEAT=0.2\n")
@@ -338,8 +351,9 @@ def test_kill_under_load_nothing_lost_nothing_twice() -> None:
 def test_a_worker_started_before_its_broker(pool: Callable[..., Pool], context: Context) -> None:
     """The worker gives up on the silence, starts afresh (backoff), and finds the broker when it comes."""
     backend = f"tcp://127.0.0.1:{free_port()}"
-    worker = following(Server([command("myecho"), "serve", "worker", "--connect", backend,
-                               "--heartbeat", "0.1", "--liveness", "2"], 0)).wait_ready()
+    worker = following(
+        Server([command("myecho"), "serve", "worker", "--connect", backend, "--heartbeat", "0.1", "--liveness", "2"], 0)
+    ).wait_ready()
     try:
         deadline = time.monotonic() + 10
         while "broker silent for" not in worker.stderr and time.monotonic() < deadline:

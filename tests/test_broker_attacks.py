@@ -97,9 +97,7 @@ def test_an_identity_cannot_be_taken_over(pool: Callable[..., Pool], context: Co
     assert [client.recv_multipart()[1] for _ in range(20)] == [b"%d" % n for n in range(20)]
 
 
-def test_a_hung_worker_loses_its_requests_by_the_hold_timeout(
-    pool: Callable[..., Pool], context: Context
-) -> None:
+def test_a_hung_worker_loses_its_requests_by_the_hold_timeout(pool: Callable[..., Pool], context: Context) -> None:
     p = pool(0, beats=SLOW_BEATS, extra=("--hold-timeout", "0.5"))
     hung = Fake(context, p.backend, window=4)  # it will take requests and say nothing, not even HB
     p.workers(1)
@@ -184,8 +182,11 @@ def test_a_client_whose_replies_pile_up_stays_bounded(pool: Callable[..., Pool],
     """Its first request held by a hung worker, its next ones answered: the broker keeps at most
     --client-bytes for it and refuses the rest with errors; another client is served meanwhile."""
     limit = 1 << 20
-    p = pool(0, beats=SLOW_BEATS, extra=("--client-bytes", str(limit), "--max-message", str(256 << 10),
-                                         "--hold-timeout", "2"))
+    p = pool(
+        0,
+        beats=SLOW_BEATS,
+        extra=("--client-bytes", str(limit), "--max-message", str(256 << 10), "--hold-timeout", "2"),
+    )
     hung = Fake(context, p.backend, window=1)
     p.workers(1)
     greedy = dealer(context, p.url)
@@ -243,9 +244,7 @@ def test_the_window_and_least_loaded_first(pool: Callable[..., Pool], context: C
     assert seventh is not None and seventh[1:] == [b"", b"6"]
 
 
-def test_a_stopping_broker_tells_the_clients_it_could_not_serve(
-    pool: Callable[..., Pool], context: Context
-) -> None:
+def test_a_stopping_broker_tells_the_clients_it_could_not_serve(pool: Callable[..., Pool], context: Context) -> None:
     p = pool(0, extra=("--graceful-timeout", "0.5"))
     client = req(context, p.url)
     client.send(b"too late")

@@ -12,13 +12,25 @@ from myecho.core.settings import SettingsError
 from myecho.service import make_settings
 
 COMMANDS = [
-    ["myecho"], ["myecho", "serve"], ["myecho", "serve", "inetd"], ["myecho", "serve", "fork"],
-    ["myecho", "serve", "select"], ["myecho", "serve", "asyncio"], ["myecho", "serve", "zmq"], ["myecho", "client"],
+    ["myecho"],
+    ["myecho", "serve"],
+    ["myecho", "serve", "inetd"],
+    ["myecho", "serve", "fork"],
+    ["myecho", "serve", "select"],
+    ["myecho", "serve", "asyncio"],
+    ["myecho", "serve", "zmq"],
+    ["myecho", "client"],
     ["myecho-c"],
-    ["myecho", "serve", "broker"], ["myecho", "serve", "worker"],
-    ["myecho", "pipeline"], ["myecho", "pipeline", "ventilator"], ["myecho", "pipeline", "worker"],
-    ["myecho", "pipeline", "sink"], ["myecho", "pipeline", "run"],
-    ["myecho", "pubsub"], ["myecho", "pubsub", "publisher"], ["myecho", "pubsub", "subscriber"],
+    ["myecho", "serve", "broker"],
+    ["myecho", "serve", "worker"],
+    ["myecho", "pipeline"],
+    ["myecho", "pipeline", "ventilator"],
+    ["myecho", "pipeline", "worker"],
+    ["myecho", "pipeline", "sink"],
+    ["myecho", "pipeline", "run"],
+    ["myecho", "pubsub"],
+    ["myecho", "pubsub", "publisher"],
+    ["myecho", "pubsub", "subscriber"],
     ["myecho", "check-config"],
 ]
 
@@ -30,28 +42,32 @@ def test_every_command_has_help(argv: list[str]) -> None:
     assert "usage" in result.stdout.lower()
 
 
-@pytest.mark.parametrize("argv", [
-    ["serve", "nosuchmodel"],
-    ["serve", "fork", "--port", "notanumber"],
-    ["serve", "fork", "--port", "70000"],
-    ["serve", "select", "--max-connections", "0"],
-    ["serve", "select", "--workers", "-1"],
-    ["serve", "asyncio", "--loop", "libev"],
-    ["serve", "asyncio", "--idle-timeout", "-1"],
-    ["serve", "asyncio", "--buffer-limit", "0"],
-    ["serve", "fork", "--spare-children", "-1"],
-    ["serve", "fork", "--config", "/nonexistent/myecho"],
-    ["serve", "select", "--host", "no.such.host.invalid"],
-    ["client", "no-port-here"],
-    ["frobnicate"],
-    ["serve", "broker", "--frontend", "localhost:11144"],
-    ["serve", "broker", "--backend", "tcp://192.0.2.1:11145"],
-    ["serve", "worker", "--connect", "nowhere"],
-    ["serve", "worker", "--heartbeat", "0"],
-    ["serve", "broker", "--liveness", "0"],
-    ["pipeline", "sink", "--results", "tcp://192.0.2.1:1"],
-    ["pubsub"],
-], ids=" ".join)
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "nosuchmodel"],
+        ["serve", "fork", "--port", "notanumber"],
+        ["serve", "fork", "--port", "70000"],
+        ["serve", "select", "--max-connections", "0"],
+        ["serve", "select", "--workers", "-1"],
+        ["serve", "asyncio", "--loop", "libev"],
+        ["serve", "asyncio", "--idle-timeout", "-1"],
+        ["serve", "asyncio", "--buffer-limit", "0"],
+        ["serve", "fork", "--spare-children", "-1"],
+        ["serve", "fork", "--config", "/nonexistent/myecho"],
+        ["serve", "select", "--host", "no.such.host.invalid"],
+        ["client", "no-port-here"],
+        ["frobnicate"],
+        ["serve", "broker", "--frontend", "localhost:11144"],
+        ["serve", "broker", "--backend", "tcp://192.0.2.1:11145"],
+        ["serve", "worker", "--connect", "nowhere"],
+        ["serve", "worker", "--heartbeat", "0"],
+        ["serve", "broker", "--liveness", "0"],
+        ["pipeline", "sink", "--results", "tcp://192.0.2.1:1"],
+        ["pubsub"],
+    ],
+    ids=" ".join,
+)
 def test_bad_arguments_are_one_line_errors(argv: list[str]) -> None:
     result = subprocess.run([command("myecho"), *argv], capture_output=True, timeout=20, text=True)
     assert result.returncode != 0

@@ -52,8 +52,9 @@ def test_socat_an_independent_client(serve: ServeFactory) -> None:
     for model in ("fork", "select", "c"):
         server = serve(model)
         data = random_bytes(2_000_000, seed=len(model))
-        result = subprocess.run([socat, "-t", "10", "-", f"TCP:127.0.0.1:{server.port}"], input=data,
-                                capture_output=True, timeout=60)
+        result = subprocess.run(
+            [socat, "-t", "10", "-", f"TCP:127.0.0.1:{server.port}"], input=data, capture_output=True, timeout=60
+        )
         assert result.stdout == data, model
 
 

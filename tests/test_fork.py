@@ -29,6 +29,7 @@ from myecho.bench.harness import free_port
 
 def spawner_of(server: Server) -> int:
     """The fork model's spawner: the parent's only child while it is idle."""
+
     def started() -> int | None:
         children = children_of(server.proc.pid)
         if len(children) == 1 and b"spawner.py" in Path(f"/proc/{children[0]}/cmdline").read_bytes():
@@ -92,8 +93,10 @@ def test_children_die_with_the_parent(serve: ServeFactory, model: str) -> None:
     sock = server.connect()
     assert roundtrip(sock, b"a") == b"a"
     expected = 6 if model == "fork" else 1  # with spares: the spawner, the busy one and four spares
-    family = wait_until(lambda: (found := descendants_of(server.proc.pid)) and len(found) == expected and found,
-                        what=f"{expected} children")
+    family = wait_until(
+        lambda: (found := descendants_of(server.proc.pid)) and len(found) == expected and found,
+        what=f"{expected} children",
+    )
     server.proc.kill()
     server.proc.wait()
 
@@ -120,6 +123,7 @@ def test_spares_are_handed_connections_and_replaced(serve: ServeFactory) -> None
     after = wait_for_spares(spawner, 5)
     assert set(spares) < set(after)
     sock.close()
+
     # The oldest spare had the connection, and exited with it.
     def without_the_first() -> list[int] | None:
         left = children_of(spawner)
@@ -177,8 +181,18 @@ def test_daemon_mode_detaches_and_writes_a_pidfile(tmp_path: Path) -> None:
     port = free_port()
     pidfile = tmp_path / "myecho.pid"
     log = tmp_path / "myecho.log"
-    argv = [command("myecho"), "serve", "fork", "--port", str(port), "--daemon", "--pidfile", str(pidfile),
-            "--log-file", str(log)]
+    argv = [
+        command("myecho"),
+        "serve",
+        "fork",
+        "--port",
+        str(port),
+        "--daemon",
+        "--pidfile",
+        str(pidfile),
+        "--log-file",
+        str(log),
+    ]
     try:
         result = subprocess.run(argv, timeout=10)
         assert result.returncode == 0  # the shell gets its prompt back
@@ -250,8 +264,13 @@ def test_a_killed_spawner_takes_no_live_connection_with_it(serve: ServeFactory) 
     # It still dies with the server.
     server.proc.kill()
     server.proc.wait()
-    wait_until(lambda: not Path(f"/proc/{busy}").exists() or
-               Path(f"/proc/{busy}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", what="the child gone")
+    wait_until(
+        lambda: (
+            not Path(f"/proc/{busy}").exists()
+            or Path(f"/proc/{busy}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        ),
+        what="the child gone",
+    )
     sock.settimeout(5)
     assert sock.recv(10) == b""
     sock.close()

@@ -30,14 +30,16 @@ def test_pipe_echoes_every_byte() -> None:
 
 
 def test_printf_x_prints_x() -> None:
-    result = subprocess.run(f"printf 'x' | {command('myecho')} serve inetd", shell=True, capture_output=True,
-                            timeout=10)
+    result = subprocess.run(
+        f"printf 'x' | {command('myecho')} serve inetd", shell=True, capture_output=True, timeout=10
+    )
     assert result.stdout == b"x"
 
 
 def test_reader_gone_is_not_a_crash() -> None:
-    proc = subprocess.Popen([command("myecho"), "serve", "inetd"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [command("myecho"), "serve", "inetd"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     assert proc.stdout is not None and proc.stdin is not None
     proc.stdout.close()
     try:
@@ -54,8 +56,9 @@ def test_cli_main_keeps_the_inetd_path() -> None:
     import sys
 
     payload = random_bytes(100 * 1024) + b"\x00"
-    result = subprocess.run([sys.executable, "-m", "myecho.cli", "serve", "inetd"], input=payload,
-                            capture_output=True, timeout=10)
+    result = subprocess.run(
+        [sys.executable, "-m", "myecho.cli", "serve", "inetd"], input=payload, capture_output=True, timeout=10
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, payload, b"")
 
 
@@ -71,8 +74,10 @@ def socket_activated_inetd() -> Iterator[int]:
     assert tool, "systemd-socket-activate is missing: apt-get install systemd"
     port = free_port()
     coverage = [f"--setenv={name}" for name in os.environ if name.startswith("COVERAGE_")]
-    proc = subprocess.Popen([tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", *coverage, command("myecho"),
-                             "serve", "inetd"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [tool, "--inetd", "-a", f"--listen=127.0.0.1:{port}", *coverage, command("myecho"), "serve", "inetd"],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_listening(port, 10, proc)
         yield port
@@ -139,8 +144,10 @@ def xinetd_port() -> Iterator[int]:
     user = pwd.getpwuid(os.getuid()).pw_name
     config.write_text(XINETD_SERVICE.format(port=port, server=command("myecho"), user=user))
     log = workdir / "xinetd.log"
-    proc = subprocess.Popen([xinetd, "-dontfork", "-f", str(config), "-filelog", str(log),
-                             "-pidfile", str(workdir / "pid")], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [xinetd, "-dontfork", "-f", str(config), "-filelog", str(log), "-pidfile", str(workdir / "pid")],
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_listening(port, 10, proc)
         yield port
@@ -169,8 +176,9 @@ def test_lean_start_runs_the_file_without_site() -> None:
 
     installed = Path(myecho.models.inetd.__file__)
     payload = b"lean\x00start" * 1000
-    result = subprocess.run(["/usr/bin/python3", "-I", "-S", str(installed)], input=payload, capture_output=True,
-                            timeout=10)
+    result = subprocess.run(
+        ["/usr/bin/python3", "-I", "-S", str(installed)], input=payload, capture_output=True, timeout=10
+    )
     assert result.stdout == payload, result.stderr
 
 
@@ -215,8 +223,11 @@ def test_half_close_over_a_socket(lean: bool) -> None:
     half-close, then every byte back, EOF, and exit status 0."""
     import myecho.models.inetd
 
-    argv = ["/usr/bin/python3", "-I", "-S", myecho.models.inetd.__file__] if lean else \
-        [command("myecho"), "serve", "inetd"]
+    argv = (
+        ["/usr/bin/python3", "-I", "-S", myecho.models.inetd.__file__]
+        if lean
+        else [command("myecho"), "serve", "inetd"]
+    )
     ours, theirs = socket.socketpair()
     payload = random_bytes(2 * 1024 * 1024 + 7) + bytes(range(256))
     with ours:
@@ -284,9 +295,22 @@ def test_bench_times_the_interpreter_start_beside_the_inetd_rows(tmp_path: Path)
 
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [command("myecho-bench"), "--quick", "--models", "inetd-xinetd", "--scenarios", "single", "--trials", "10",
-         "--json", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=120,
+        [
+            command("myecho-bench"),
+            "--quick",
+            "--models",
+            "inetd-xinetd",
+            "--scenarios",
+            "single",
+            "--trials",
+            "10",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     document = json.loads(out.read_text())
@@ -303,9 +327,22 @@ def test_bench_times_the_interpreter_start_beside_the_inetd_rows(tmp_path: Path)
 def test_bench_without_inetd_rows_times_no_interpreter(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     done = subprocess.run(
-        [command("myecho-bench"), "--quick", "--models", "c", "--scenarios", "single", "--trials", "5",
-         "--json", str(out), "--no-progress"],
-        capture_output=True, text=True, timeout=60,
+        [
+            command("myecho-bench"),
+            "--quick",
+            "--models",
+            "c",
+            "--scenarios",
+            "single",
+            "--trials",
+            "5",
+            "--json",
+            str(out),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr
     assert "interpreter_start" not in json.loads(out.read_text())
@@ -324,8 +361,12 @@ def _inetd_systemd_report(meta: dict[str, object]) -> str:
 
 def test_report_says_which_socket_unit_the_systemd_row_went_through() -> None:
     start = {"command": "/usr/bin/python3 -I -S -c pass", "runs": 10, "median_s": 0.01, "p99_s": 0.012}
-    installed = _inetd_systemd_report({"interpreter_start": start, "inetd_socket_unit": {
-        "Accept": "yes", "MaxConnections": "256", "TriggerLimitBurst": "2000"}})
+    installed = _inetd_systemd_report(
+        {
+            "interpreter_start": start,
+            "inetd_socket_unit": {"Accept": "yes", "MaxConnections": "256", "TriggerLimitBurst": "2000"},
+        }
+    )
     assert "inetd by systemd: exchange 1 = 0.90×" in installed
     assert "myecho-inetd.socket as installed (Accept=yes, MaxConnections=256, TriggerLimitBurst=2000)" in installed
     local = _inetd_systemd_report({"interpreter_start": start})

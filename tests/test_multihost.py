@@ -77,16 +77,33 @@ class Hosts:
 
     def broker(self, *security: str) -> Server:
         """The broker; plain unless given CURVE options (a plain backend off loopback needs --insecure)."""
-        return self.serve("broker", "broker", "--frontend", f"tcp://{BROKER}:11144", "--backend",
-                          f"tcp://{BROKER}:11145", *(security or ["--insecure"]))
+        return self.serve(
+            "broker",
+            "broker",
+            "--frontend",
+            f"tcp://{BROKER}:11144",
+            "--backend",
+            f"tcp://{BROKER}:11145",
+            *(security or ["--insecure"]),
+        )
 
     def worker(self, host: str, *security: str) -> Server:
         return self.serve(host, "worker", "--connect", f"tcp://{BROKER}:11145", *security)
 
     def clients(self, count: int, seconds: float) -> tuple[list[subprocess.Popen[bytes]], float]:
         start_at = time.time() + 1.5
-        argv = self.argv("clients", sys.executable, "-m", "myecho.bench.measure", "client",
-                         f"tcp://{BROKER}:11144", "--seconds", str(seconds), "--start-at", repr(start_at))
+        argv = self.argv(
+            "clients",
+            sys.executable,
+            "-m",
+            "myecho.bench.measure",
+            "client",
+            f"tcp://{BROKER}:11144",
+            "--seconds",
+            str(seconds),
+            "--start-at",
+            repr(start_at),
+        )
         return [subprocess.Popen(argv, stdout=subprocess.PIPE) for _ in range(count)], start_at
 
     def remove(self) -> None:
@@ -173,8 +190,12 @@ def test_curve_across_hosts(hosts: Hosts, tmp_path: Path) -> None:
     def curve(name: str) -> list[str]:
         return ["--curve-secret", str(tmp_path / f"{name}.key_secret"), "--curve-server", str(tmp_path / "broker.key")]
 
-    plain = subprocess.run(hosts.argv("broker", command("myecho"), "serve", "broker", "--backend",
-                                      f"tcp://{BROKER}:11145"), capture_output=True, text=True, timeout=20)
+    plain = subprocess.run(
+        hosts.argv("broker", command("myecho"), "serve", "broker", "--backend", f"tcp://{BROKER}:11145"),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert plain.returncode == 1 and "reachable from other hosts and has no CURVE" in plain.stderr
     broker = hosts.broker("--curve-secret", str(tmp_path / "broker.key_secret"), "--curve-allow", str(allow))
     w1 = hosts.worker("w1", *curve("w1"))

@@ -65,8 +65,9 @@ def test_pipeline_reversed_workers_bind(tmp_path: Path, context: Context) -> Non
     """Each worker binds its jobs and results endpoints; ventilator and sink connect to them."""
     stop = threading.Event()
     urls = {name: f"ipc://{tmp_path}/{name}" for name in ("jobs1", "jobs2", "results1", "results2", "control")}
-    crew = [Thread(pipeline.work, context, ["@" + urls[f"jobs{n}"]], ["@" + urls[f"results{n}"]], stop=stop)
-            for n in (1, 2)]
+    crew = [
+        Thread(pipeline.work, context, ["@" + urls[f"jobs{n}"]], ["@" + urls[f"results{n}"]], stop=stop) for n in (1, 2)
+    ]
     for worker in crew:
         worker.start()
     sink = Thread(pipeline.collect, context, [">" + urls["results1"], ">" + urls["results2"]], [urls["control"]])
@@ -81,15 +82,15 @@ def test_pipeline_reversed_workers_bind(tmp_path: Path, context: Context) -> Non
 def test_the_sink_sees_duplicates_missing_and_corrupt_jobs(context: Context) -> None:
     """A faulty worker: job 0 twice, job 1 never, job 2 with a wrong payload."""
     ready = threading.Event()
-    sink = Thread(pipeline.collect, context, ["inproc://results"], ["inproc://control"], timeout=0.5,
-                  settle=0.1, ready=ready)
+    sink = Thread(
+        pipeline.collect, context, ["inproc://results"], ["inproc://control"], timeout=0.5, settle=0.1, ready=ready
+    )
     sink.start()
     ready.wait(5)
     faulty = context.socket(zmq.PUSH)
     faulty.connect("inproc://results")
     batch = b"12345678"
-    done = [[pipeline.DONE, batch, (job).to_bytes(8, "big"), b"faulty", pipeline.payload(job, 8)]
-            for job in (0, 0, 3)]
+    done = [[pipeline.DONE, batch, (job).to_bytes(8, "big"), b"faulty", pipeline.payload(job, 8)] for job in (0, 0, 3)]
     done.append([pipeline.DONE, batch, (2).to_bytes(8, "big"), b"faulty", b"garbage!"])
     done.append([pipeline.DONE, b"oldbatch", (3).to_bytes(8, "big"), b"faulty", pipeline.payload(3, 8)])
     faulty.send_multipart(done[0])  # before the batch is announced: kept for later
@@ -119,12 +120,15 @@ def test_pipeline_commands_fail_in_one_line() -> None:
     jobs = f"tcp://127.0.0.1:{free_port()}"
     result = subprocess.run(
         [command("myecho"), "pipeline", "ventilator", "--jobs", jobs, "--workers", "1", "--timeout", "0.3"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 1
     assert result.stderr.strip() == "myecho pipeline ventilator: 1 workers still missing after 0.3 s"
-    result = subprocess.run([command("myecho"), "pubsub", "publisher", "--stream", "nowhere"],
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        [command("myecho"), "pubsub", "publisher", "--stream", "nowhere"], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 1 and "not a ZeroMQ URL" in result.stderr
 
 
@@ -135,8 +139,7 @@ def test_pubsub_filters_topics_and_loses_nothing_at_the_start(context: Context) 
     everything = Thread(pubsub.subscribe, context, [], [url], hwm=100_000)
     news.start()
     everything.start()
-    published = pubsub.publish(context, 3000, ["news", "weather", "sport"], subscribers=2, stream=[url],
-                               hwm=100_000)
+    published = pubsub.publish(context, 3000, ["news", "weather", "sport"], subscribers=2, stream=[url], hwm=100_000)
     assert published["subscribers"] == 2
     assert published["published"] == {"news": 1000, "weather": 1000, "sport": 1000}
     only_news, all_of_it = news.outcome(), everything.outcome()
@@ -164,14 +167,33 @@ def test_a_slow_subscriber_loses_its_own_messages_and_counts_them(tmp_path: Path
     url = f"ipc://{tmp_path}/stream"
     myecho = command("myecho")
     subscribers = [
-        subprocess.Popen([myecho, "pubsub", "subscriber", "--stream", url, *extra], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+        subprocess.Popen(
+            [myecho, "pubsub", "subscriber", "--stream", url, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         for extra in ([], ["--delay", "2", "--hwm", "50"])  # the slow one: 500 messages/s at most
     ]
     publisher = subprocess.run(
-        [myecho, "pubsub", "publisher", "--stream", "@" + url, "--subscribers", "2", "--count", "3000",
-         "--rate", "3000", "--size", "2000", "--topic", "a", "--topic", "b"],
-        capture_output=True, timeout=60,
+        [
+            myecho,
+            "pubsub",
+            "publisher",
+            "--stream",
+            "@" + url,
+            "--subscribers",
+            "2",
+            "--count",
+            "3000",
+            "--rate",
+            "3000",
+            "--size",
+            "2000",
+            "--topic",
+            "a",
+            "--topic",
+            "b",
+        ],
+        capture_output=True,
+        timeout=60,
     )
     assert publisher.returncode == 0, publisher.stderr.decode()
     published = json.loads(publisher.stdout)

@@ -18,8 +18,11 @@ EACH = re.compile(r"pid (\d+): (\d+) open")
 
 def workers_of(server: Server, count: int = 2) -> list[int]:
     """The supervisor's children once there are ``count`` of them."""
-    return sorted(wait_until(lambda: (pids := children_of(server.proc.pid)) and len(pids) == count and pids,
-                             what=f"{count} workers"))
+    return sorted(
+        wait_until(
+            lambda: (pids := children_of(server.proc.pid)) and len(pids) == count and pids, what=f"{count} workers"
+        )
+    )
 
 
 def open_by_worker(server: Server, total: int) -> dict[int, int]:
@@ -54,8 +57,10 @@ def test_a_killed_worker_is_replaced_and_serving_goes_on(serve: ServeFactory, mo
     server = serve(model, "--workers", "2")
     first, second = workers_of(server)
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: first not in children_of(server.proc.pid) and len(children_of(server.proc.pid)) == 2,
-               what="a new worker in place of the killed one")
+    wait_until(
+        lambda: first not in children_of(server.proc.pid) and len(children_of(server.proc.pid)) == 2,
+        what="a new worker in place of the killed one",
+    )
     assert second in children_of(server.proc.pid)
     assert "exited; starting another" in wait_until(lambda: "exited" in server.stderr and server.stderr)
     for number in range(20):
@@ -112,8 +117,11 @@ def test_a_hung_worker_is_killed_and_replaced(serve: ServeFactory, model: str) -
     first, _ = workers_of(server)
     os.kill(first, signal.SIGSTOP)
     started = time.monotonic()
-    wait_until(lambda: first not in children_of(server.proc.pid) and len(children_of(server.proc.pid)) == 2,
-               timeout=15, what="the hung worker replaced")
+    wait_until(
+        lambda: first not in children_of(server.proc.pid) and len(children_of(server.proc.pid)) == 2,
+        timeout=15,
+        what="the hung worker replaced",
+    )
     assert time.monotonic() - started > 4  # not before it had been silent for a while
     assert "silent" in server.stderr
 

@@ -32,7 +32,7 @@ def test_never_reading_client_gets_backpressure(serve: ServeFactory, model: str)
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline and sent < len(payload):
         try:
-            sent += flooder.send(payload[sent:sent + 65536])
+            sent += flooder.send(payload[sent : sent + 65536])
         except BlockingIOError:
             time.sleep(0.01)
     assert sent < len(payload), "the server should have stopped reading long before 64 MiB"

@@ -34,8 +34,9 @@ def test_socket_activation_hands_over_the_listening_socket(model: str) -> None:
     port = free_port()
     # A port we do not listen on: the model must use systemd's socket, not bind.
     decoy = free_port()
-    argv = [command("myecho-c"), str(decoy)] if model == "c" else \
-        [command("myecho"), "serve", model, "--port", str(decoy)]
+    argv = (
+        [command("myecho-c"), str(decoy)] if model == "c" else [command("myecho"), "serve", model, "--port", str(decoy)]
+    )
     notify = NotifySocket()
     proc = activate(argv, port, notify)
     try:
@@ -154,8 +155,9 @@ def test_journald_is_used_when_stderr_is_the_journal() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=10, text=True)
     assert result.stdout.strip() == "JournalHandler", result.stderr
-    result = subprocess.run([sys.executable, "-c", code.replace("st.st_ino", "st.st_ino + 1")],
-                            capture_output=True, timeout=10, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code.replace("st.st_ino", "st.st_ino + 1")], capture_output=True, timeout=10, text=True
+    )
     assert result.stdout.strip() == "StreamHandler"
 
 

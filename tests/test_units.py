@@ -49,9 +49,11 @@ def test_each_model_gets_the_listeners_it_declares(monkeypatch: pytest.MonkeyPat
 
 
 def test_fd_limit_is_raised_to_the_hard_limit() -> None:
-    code = ("import resource; from myecho.core.sockets import raise_fd_limit;"
-            "s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"
-            "resource.setrlimit(resource.RLIMIT_NOFILE, (64, h)); print(raise_fd_limit() == h)")
+    code = (
+        "import resource; from myecho.core.sockets import raise_fd_limit;"
+        "s, h = resource.getrlimit(resource.RLIMIT_NOFILE);"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, h)); print(raise_fd_limit() == h)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10)
     assert result.stdout.strip() == "True", result.stderr
 
@@ -61,8 +63,7 @@ def test_socket_activation_without_python_systemd_is_a_clear_error(tmp_path: Pat
     blocker.mkdir()
     (blocker / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path), LISTEN_FDS="1", LISTEN_PID="1")
-    result = subprocess.run([command("myecho"), "serve", "select"], env=env, capture_output=True, text=True,
-                            timeout=10)
+    result = subprocess.run([command("myecho"), "serve", "select"], env=env, capture_output=True, text=True, timeout=10)
     assert result.returncode == 1
     assert result.stderr.strip() == "myecho: LISTEN_FDS is set but python3-systemd is not installed"
 
@@ -96,8 +97,9 @@ def test_a_failing_notify_socket_does_not_raise(monkeypatch: pytest.MonkeyPatch)
     notifier.status("still running")  # logged, not raised
 
 
-def test_missing_c_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_c_binary_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(reference, "BIN_DIR", tmp_path)
     assert reference.main_c() == 127
     assert "cannot run" in capsys.readouterr().err
@@ -106,8 +108,9 @@ def test_missing_c_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_
 def test_inetd_write_error_exits_non_zero_and_silent() -> None:
     read_only = os.open(os.devnull, os.O_RDONLY)  # writing to it fails with EBADF
     try:
-        result = subprocess.run([command("myecho"), "serve", "inetd"], input=b"x", stdout=read_only,
-                                stderr=subprocess.PIPE, timeout=10)
+        result = subprocess.run(
+            [command("myecho"), "serve", "inetd"], input=b"x", stdout=read_only, stderr=subprocess.PIPE, timeout=10
+        )
     finally:
         os.close(read_only)
     assert result.returncode == 1

@@ -173,7 +173,8 @@ def test_the_talks_php_client(serve: ServeFactory) -> None:
     assert php, "php is missing: apt-get install php-cli php-zmq"
     server = serve("zmq")
     script = Path(tempfile.mkdtemp()) / "client.php"
-    script.write_text(textwrap.dedent(f"""\
+    script.write_text(
+        textwrap.dedent(f"""\
         <?php
         $ctx = new ZMQContext();
         $client = new ZMQSocket($ctx, ZMQ::SOCKET_REQ);
@@ -181,7 +182,8 @@ def test_the_talks_php_client(serve: ServeFactory) -> None:
         $client->send('bonjour');
         $response = $client->recv();
         print("Réponse : '$response'\\n");
-        """))
+        """)
+    )
     result = subprocess.run([php, str(script)], capture_output=True, timeout=30)
     assert result.stdout.decode() == "Réponse : 'bonjour'\n", result.stderr.decode()
     shutil.rmtree(script.parent)
@@ -232,8 +234,7 @@ def test_ten_thousand_req_clients(serve: ServeFactory) -> None:
         print(bad)
         ctx.destroy(linger=0)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(first)], stdout=subprocess.PIPE)
-             for first in (0, 5000)]
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(first)], stdout=subprocess.PIPE) for first in (0, 5000)]
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0]
     assert [out.strip() for out in outputs] == [b"0", b"0"]

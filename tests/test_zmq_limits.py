@@ -97,8 +97,9 @@ def test_a_client_that_sends_2_gib_and_never_reads(serve: ServeFactory) -> None:
 
 def test_at_the_fd_limit_accepting_pauses_without_spinning() -> None:
     port = free_port()
-    limited = Server([command("myecho"), "serve", "zmq", "--port", str(port), "--backlog", "16"], port,
-                     preexec_fn=limit_fds_to_128)
+    limited = Server(
+        [command("myecho"), "serve", "zmq", "--port", str(port), "--backlog", "16"], port, preexec_fn=limit_fds_to_128
+    )
     context: Context = zmq.Context()
     try:
         limited.wait_ready()
@@ -145,8 +146,11 @@ def test_a_closed_door_keeps_new_connections_waiting_not_refused() -> None:
         time.sleep(0.3)
         assert client.connect_ex(listener.getsockname()) in (errno.EALREADY, errno.EINPROGRESS)  # not refused
         assert endpoint.close_door(False)
-        wait_until(lambda: client.connect_ex(listener.getsockname()) in (0, errno.EISCONN), timeout=5,
-                   what="connected once the door is open (the SYN retried after 1 s)")
+        wait_until(
+            lambda: client.connect_ex(listener.getsockname()) in (0, errno.EISCONN),
+            timeout=5,
+            what="connected once the door is open (the SYN retried after 1 s)",
+        )
         conn, _ = listener.accept()
         conn.close()
     finally:

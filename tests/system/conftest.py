@@ -49,9 +49,7 @@ def container(rootfs: Path) -> Iterator[Container]:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, Any, None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
     """On failure, attach the container's failed units and journal to the report:
     the container is gone by the time anyone reads it."""
     outcome = yield

@@ -102,9 +102,7 @@ def _checked(
 ) -> subprocess.CompletedProcess[str]:
     """Raise CommandFailed (with the output) if result failed."""
     if result.returncode != 0:
-        raise CommandFailed(
-            result.returncode, result.args, result.stdout, result.stderr
-        )
+        raise CommandFailed(result.returncode, result.args, result.stdout, result.stderr)
     return result
 
 
@@ -121,10 +119,7 @@ def host_problem() -> str | None:
     if os.geteuid() != 0:
         return "system tests need root (overlay mounts, systemd-nspawn, nsenter)"
     if not _has_overlayfs():
-        return (
-            "system tests need overlayfs: 'overlay' is not in /proc/filesystems"
-            " (modprobe overlay?)"
-        )
+        return "system tests need overlayfs: 'overlay' is not in /proc/filesystems (modprobe overlay?)"
     if not _cgroup_bases():
         return "system tests need a cgroup filesystem under /sys/fs/cgroup"
     return None
@@ -133,9 +128,7 @@ def host_problem() -> str | None:
 def _has_overlayfs() -> bool:
     def listed() -> bool:
         return any(
-            line.split()[-1] == "overlay"
-            for line in Path("/proc/filesystems").read_text().splitlines()
-            if line.strip()
+            line.split()[-1] == "overlay" for line in Path("/proc/filesystems").read_text().splitlines() if line.strip()
         )
 
     if listed():
@@ -147,24 +140,12 @@ def _has_overlayfs() -> bool:
 
 def ensure_host_tools(cache_dir: Path = CACHE_DIR, timeout: float = 900.0) -> None:
     """apt-get install the host tools the harness runs, if missing (CI starts fresh)."""
-    missing = sorted(
-        {
-            pkg
-            for tool, pkg in HOST_TOOLS.items()
-            if not shutil.which(tool, path=TOOL_PATH)
-        }
-    )
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if not shutil.which(tool, path=TOOL_PATH)})
     if not missing:
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
     with _locked(cache_dir / "host-tools.lock", timeout):
-        missing = sorted(
-            {
-                pkg
-                for tool, pkg in HOST_TOOLS.items()
-                if not shutil.which(tool, path=TOOL_PATH)
-            }
-        )
+        missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if not shutil.which(tool, path=TOOL_PATH)})
         if not missing:
             return
         log.info("installing host packages %s", " ".join(missing))
@@ -179,10 +160,7 @@ def ensure_host_tools(cache_dir: Path = CACHE_DIR, timeout: float = 900.0) -> No
             _run_bounded(["apt-get", "update"], timeout=timeout, env=env)
             result = _run_bounded(install, timeout=timeout, env=env)
         if result.returncode != 0:
-            raise HarnessError(
-                f"could not apt-get install host packages {missing}:\n"
-                + _tail(result.stderr)
-            )
+            raise HarnessError(f"could not apt-get install host packages {missing}:\n" + _tail(result.stderr))
 
 
 @contextlib.contextmanager
@@ -196,9 +174,7 @@ def _locked(path: Path, timeout: float) -> Iterator[None]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise HarnessError(
-                        f"waited {timeout:.0f}s for the lock {path}"
-                    ) from None
+                    raise HarnessError(f"waited {timeout:.0f}s for the lock {path}") from None
                 time.sleep(0.5)
         try:
             yield
@@ -336,9 +312,7 @@ def ensure_rootfs(cache_dir: Path = CACHE_DIR, timeout: float = 1500.0) -> Path:
             raise HarnessError(f"mmdebstrap did not finish in {timeout:.0f}s") from None
         if result.returncode != 0:
             remove_tree(building)
-            raise HarnessError(
-                f"mmdebstrap failed ({result.returncode}):\n{_tail(result.stderr)}"
-            )
+            raise HarnessError(f"mmdebstrap failed ({result.returncode}):\n{_tail(result.stderr)}")
         remove_tree(rootfs)
         building.rename(rootfs)
         _write_json(stamp, recipe)
@@ -439,9 +413,7 @@ def _cgroup_pids(group: Path) -> list[int]:
     for dirpath, _, files in os.walk(group):
         if "cgroup.procs" in files:
             with contextlib.suppress(OSError):
-                pids += [
-                    int(p) for p in Path(dirpath, "cgroup.procs").read_text().split()
-                ]
+                pids += [int(p) for p in Path(dirpath, "cgroup.procs").read_text().split()]
     return pids
 
 
@@ -450,9 +422,7 @@ def kill_cgroups(groups: Sequence[Path], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while pids := [p for g in groups if g.exists() for p in _cgroup_pids(g)]:
         if time.monotonic() > deadline:
-            raise HarnessError(
-                f"processes {pids} survive SIGKILL in {list(map(str, groups))}"
-            )
+            raise HarnessError(f"processes {pids} survive SIGKILL in {list(map(str, groups))}")
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -483,9 +453,7 @@ def _proc_status(pid: int) -> dict[str, str]:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return {}
-    return {
-        k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())
-    }
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
 
 
 def _descendants(pid: int) -> list[int]:
@@ -555,9 +523,7 @@ class Container:
         stop_timeout: float = 30.0,
     ) -> None:
         self.rootfs = rootfs
-        self.name = (
-            name or f"myecho-{os.getpid()}-{next(_names)}-{secrets.token_hex(2)}"
-        )
+        self.name = name or f"myecho-{os.getpid()}-{next(_names)}-{secrets.token_hex(2)}"
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
         self.dir = RUN_DIR / self.name
@@ -597,11 +563,7 @@ class Container:
     @property
     def running(self) -> bool:
         """Booted and not stopped (nspawn alive)."""
-        return (
-            self._proc is not None
-            and self._proc.poll() is None
-            and self._pid1 is not None
-        )
+        return self._proc is not None and self._proc.poll() is None and self._pid1 is not None
 
     def console_output(self) -> str:
         """What the container printed on its console (boot messages, nspawn errors)."""
@@ -641,10 +603,7 @@ class Container:
             (self.dir / sub).mkdir()
         self._write_owner()
         assert self.rootfs is not None
-        options = (
-            f"lowerdir={self.rootfs},upperdir={self.dir / 'upper'},"
-            f"workdir={self.dir / 'work'}"
-        )
+        options = f"lowerdir={self.rootfs},upperdir={self.dir / 'upper'},workdir={self.dir / 'work'}"
         _checked(
             _run_bounded(
                 ["mount", "-t", "overlay", "overlay", "-o", options, str(self.merged)],
@@ -734,12 +693,8 @@ class Container:
                 self._pid1 = self._find_pid1()
             if self._pid1 is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    result = self._nsenter(
-                        ["systemctl", "is-system-running"], True, 10, None, None
-                    )
-                    lines = (
-                        result.stdout.strip() or result.stderr.strip()
-                    ).splitlines()
+                    result = self._nsenter(["systemctl", "is-system-running"], True, 10, None, None)
+                    lines = (result.stdout.strip() or result.stderr.strip()).splitlines()
                     state = lines[-1] if lines else "?"
                 if state in BOOTED_STATES:
                     return
@@ -750,8 +705,7 @@ class Container:
             time.sleep(0.2)
         raise HarnessError(
             f"container {self.name} did not boot within {self.boot_timeout:.0f}s "
-            f"(systemctl is-system-running: {state!r}); console:\n"
-            + _tail(self.console_output())
+            f"(systemctl is-system-running: {state!r}); console:\n" + _tail(self.console_output())
         )
 
     def stop(self) -> None:
@@ -820,9 +774,7 @@ class Container:
             *argv,
         ]
         result = _run_bounded(full, timeout=timeout, input=input)
-        return subprocess.CompletedProcess(
-            argv, result.returncode, result.stdout, result.stderr
-        )
+        return subprocess.CompletedProcess(argv, result.returncode, result.stdout, result.stderr)
 
     def run(
         self,
@@ -906,9 +858,7 @@ class Container:
             shutil.copy2(src, dest)
         return dest_path
 
-    def apt_get(
-        self, *args: str, check: bool = True, timeout: float = 900.0
-    ) -> subprocess.CompletedProcess[str]:
+    def apt_get(self, *args: str, check: bool = True, timeout: float = 900.0) -> subprocess.CompletedProcess[str]:
         """apt-get -y ARGS inside, noninteractive, downloading over the host network."""
         return self.run_with_host_network(
             ["apt-get", "-y", "-o", "Dpkg::Use-Pty=0", *args],
@@ -932,20 +882,14 @@ class Container:
         self.host_path(inside).chmod(0o644)  # readable by apt's _apt sandbox user
         result = self.apt_get("install", inside, check=False, timeout=timeout)
         if result.returncode != 0:
-            log.info(
-                "apt-get install %s failed; retrying after apt-get update", src.name
-            )
+            log.info("apt-get install %s failed; retrying after apt-get update", src.name)
             self.apt_get("update", timeout=timeout)
             result = self.apt_get("install", inside, check=False, timeout=timeout)
         return _checked(result)
 
-    def systemctl(
-        self, *args: str, check: bool = True, timeout: float = 120.0
-    ) -> subprocess.CompletedProcess[str]:
+    def systemctl(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """systemctl ARGS inside (talks to the container's own systemd)."""
-        return self.run(
-            ["systemctl", "--no-pager", *args], check=check, timeout=timeout
-        )
+        return self.run(["systemctl", "--no-pager", *args], check=check, timeout=timeout)
 
     def journal(self, unit: str, *args: str) -> str:
         """journalctl -u UNIT inside, as text; extra args (-o cat, ...) go along."""

@@ -17,8 +17,15 @@ SYSTEMD_DIR = REPO / "systemd"
 BUILD_DEB = REPO / "tools" / "build-deb"
 
 #: The packaged units' ports (the README's table).
-PORTS = {"inetd-xinetd": 11138, "fork": 11139, "select": 11140, "zmq": 11141, "c": 11142, "inetd": 11143,
-         "asyncio": 11150}
+PORTS = {
+    "inetd-xinetd": 11138,
+    "fork": 11139,
+    "select": 11140,
+    "zmq": 11141,
+    "c": 11142,
+    "inetd": 11143,
+    "asyncio": 11150,
+}
 MODELS = ("fork", "select", "asyncio", "zmq", "c")
 PYTHON_MODELS = ("fork", "select", "asyncio", "zmq")
 #: The broker (myecho@broker): clients, then workers, both in myecho@broker.socket.

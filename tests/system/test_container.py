@@ -26,9 +26,7 @@ def test_boot_run_and_stop_leaves_nothing(rootfs: Path) -> None:
         cgroups = list(box._cgroups)
         assert mounts_under(merged)
     assert box.boot_seconds is not None and box.stop_seconds is not None
-    mounted = [
-        line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-    ]
+    mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
     assert not [m for m in mounted if m.startswith(str(box.dir))]
     assert not box.dir.exists()
     assert cgroups and not any(group.exists() for group in cgroups)
@@ -42,10 +40,7 @@ def test_helpers(container: Container, tmp_path: Path) -> None:
     assert container.run("cat /run/hello.txt").stdout == "hello from the host\n"
     assert not Path("/run/hello.txt").exists()
     container.run(["systemd-run", "--unit=talker", "sh", "-c", "echo marker-42"])
-    container.run(
-        "for i in $(seq 50); do journalctl -u talker | grep -q marker-42 && exit 0;"
-        " sleep 0.1; done; exit 1"
-    )
+    container.run("for i in $(seq 50); do journalctl -u talker | grep -q marker-42 && exit 0; sleep 0.1; done; exit 1")
     assert "marker-42" in container.journal("talker", "-o", "cat")
     failed = container.run(["false"], check=False)
     assert failed.returncode == 1
@@ -65,10 +60,7 @@ def _probe_deb(where: Path) -> Path:
         "Description: probe for the system-test harness\n"
     )
     postinst = root / "DEBIAN/postinst"
-    postinst.write_text(
-        "#!/bin/sh\nset -e\nsystemctl daemon-reload\n"
-        "systemctl start myecho-harness-probe.service\n"
-    )
+    postinst.write_text("#!/bin/sh\nset -e\nsystemctl daemon-reload\nsystemctl start myecho-harness-probe.service\n")
     postinst.chmod(0o755)
     unit_dir = root / "lib/systemd/system"
     unit_dir.mkdir(parents=True)
@@ -84,9 +76,7 @@ def _probe_deb(where: Path) -> Path:
     return deb
 
 
-def test_apt_install_deb_pulls_depends_and_talks_to_systemd(
-    container: Container, tmp_path: Path
-) -> None:
+def test_apt_install_deb_pulls_depends_and_talks_to_systemd(container: Container, tmp_path: Path) -> None:
     container.apt_install_deb(_probe_deb(tmp_path))
     assert container.run(["hello"]).stdout == "Hello, world!\n"
     unit = "myecho-harness-probe.service"

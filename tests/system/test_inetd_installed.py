@@ -56,8 +56,19 @@ def test_bench_measures_both_shipped_inetd_ways_against_the_interpreter(installe
         assert time.monotonic() < deadline, "xinetd does not listen on 11138"
         time.sleep(0.2)
     result = box.run(
-        ["myecho-bench", "--installed", "--models", "inetd-xinetd,inetd-systemd", "--scenarios", "single",
-         "--trials", "200", "--json", "/root/inetd.json", "--no-progress"],
+        [
+            "myecho-bench",
+            "--installed",
+            "--models",
+            "inetd-xinetd,inetd-systemd",
+            "--scenarios",
+            "single",
+            "--trials",
+            "200",
+            "--json",
+            "/root/inetd.json",
+            "--no-progress",
+        ],
         timeout=300,
     )
     print(result.stdout)

@@ -331,8 +331,10 @@ def test_select_workers_under_systemd(clean: Container) -> None:
         assert "2 workers (pid " in show(clean, unit, "StatusText")
         before = clean.journal(unit, "-o", "cat").count("reloaded (")
         clean.systemctl("reload", unit)
-        wait_until("the supervisor and both workers reloaded",
-                   lambda: clean.journal(unit, "-o", "cat").count("reloaded (") == before + 3)
+        wait_until(
+            "the supervisor and both workers reloaded",
+            lambda: clean.journal(unit, "-o", "cat").count("reloaded (") == before + 3,
+        )
         round_trip(clean, "select")
         clean.systemctl("stop", unit)
         assert show(clean, unit, "Result") == "success"
