@@ -114,13 +114,6 @@ def test_bad_values_name_the_line(tmp_path: Path) -> None:
         make_settings({"model": "select", "config": config})
 
 
-def test_check_config_has_help_and_a_man_page_entry() -> None:
-    result = subprocess.run([command("myecho"), "--help"], capture_output=True, timeout=10, text=True)
-    assert "check-config" in result.stdout
-    page = (Path(__file__).parent.parent / "debian" / "myecho.1").read_text()
-    assert "check-config" in page
-
-
 def test_broker_and_worker_settings_from_the_file(tmp_path: Path) -> None:
     config = tmp_path / "default"
     config.write_text(
