@@ -10,24 +10,20 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from support import command
+from clidocs import REPO, build, every_command
 
 from myecho.settings import DEFAULT_PORTS, file_names
 
-REPO = Path(__file__).resolve().parent.parent
 #: An option's entry in a rendered page: the tag of a .TP paragraph, at the page's indent.
 ENTRY = re.compile(r"^ {7}(-{1,2}[a-z][-a-z]*)", re.M)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cli-docs")
-    subprocess.run([sys.executable, str(REPO / "tools" / "cli-docs"), str(out)], check=True, timeout=120)
-    return out
+    return build(tmp_path_factory.mktemp("cli-docs"))
 
 
 def render(page: Path) -> str:
@@ -50,36 +46,18 @@ def sections(text: str) -> dict[str, str]:
     return found
 
 
-def help_of(argv: list[str]) -> tuple[set[str], list[str]]:
-    """The options and the sub-commands that ``argv --help`` lists."""
-    text = subprocess.run([command(argv[0]), *argv[1:], "--help"], capture_output=True, check=True, text=True).stdout
-    options = set(re.findall(r"^  (-{1,2}[a-z][-a-z]*)", text, re.M)) - {"-h", "--help"}
-    options |= set(re.findall(r"^  -[a-z]\w*, (--[a-z][-a-z]*)", text, re.M)) - {"--help"}
-    commands = re.findall(r"^    ([a-z][-a-z]*)(?: |$)", text, re.M)
-    return options, commands
-
-
-def every_command(argv: list[str]) -> list[tuple[list[str], set[str]]]:
-    """argv and each of its sub-commands, recursively, with their options."""
-    options, commands = help_of(argv)
-    found = [(argv, options)]
-    for name in commands:
-        found += every_command([*argv, name])
-    return found
-
-
 @pytest.mark.parametrize("prog", ["myecho", "myecho-bench"])
 def test_the_page_documents_every_command_and_option_of_help(built: Path, prog: str) -> None:
     page = sections(render(built / "man" / f"{prog}.1"))
     commands = every_command([prog])
     if prog == "myecho":
         assert len(commands) >= 20  # serve and its 7 models, pipeline and its 4 roles, pubsub...
-    for argv, options in commands:
+    for argv, options, subs in commands:
         heading = "OPTIONS" if len(argv) == 1 else f"OPTIONS '{' '.join(argv)}'"
         assert heading in page, f"no section for {' '.join(argv)}: {list(page)}"
         documented = set(ENTRY.findall(page[heading]))
         assert options <= documented, f"{' '.join(argv)}: {sorted(options - documented)} not in the page"
-        for sub in help_of(argv)[1]:
+        for sub in subs:
             assert f"       {' '.join(argv)} {sub}\n" in page[heading], f"{' '.join(argv)} {sub} not listed"
 
 
