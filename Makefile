@@ -10,7 +10,8 @@ PYTHON  ?= /usr/bin/python3
 VENV    ?= .venv
 TOX     := $(VENV)/bin/tox
 APT_DEPS := python3-venv python3-dev gcc libc6-dev make pkg-config libsystemd-dev \
-            libzmq3-dev systemd xinetd socat php-cli php-zmq redis-tools iproute2
+            libzmq3-dev systemd xinetd socat php-cli php-zmq redis-tools iproute2 \
+            bash-completion man-db
 
 # The package: its version from debian/changelog (no dpkg-dev needed yet).
 DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)

@@ -21,4 +21,4 @@ also share their protocol, ``models.mew``); ``bench`` starts models as
 processes, as an admin would, and runs none in its own process.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

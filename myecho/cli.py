@@ -16,7 +16,6 @@ TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs millis
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
-    from typing import NoReturn
 
 MODEL_HELP = {
     "inetd": "one connection on stdin/stdout, then exit (xinetd, systemd Accept=yes, a pipe)",
@@ -36,21 +35,10 @@ IDLE_HELP = (
 ENDPOINT_RULE = "@URL binds, >URL connects; tcp://, ipc:// (inproc:// within one process); repeatable"
 
 
-def _error(message: str) -> NoReturn:
-    """One line, no usage dump, no traceback: what an admin wants in a log."""
-    print(f"myecho: {message} (see --help)", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    import argparse
-
     from myecho import __version__
+    from myecho.argparser import Parser
     from myecho.core.settings import BROKER_BACKEND_PORT, DEFAULT_PORTS, option_type
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message: str) -> NoReturn:
-            _error(message)
 
     parser = Parser(
         prog="myecho",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from myecho import __version__
+from myecho.argparser import Parser
 from myecho.bench import loadgen, procs, startup
 from myecho.bench.report import Report
 from myecho.bench.scenarios import ModelResult, Runner, Settings
@@ -68,7 +69,7 @@ models (--models):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="myecho-bench",
         description="Measure myecho's daemon models side by side and print the talk's two benchmark tables "
         "(single connection; multiple connections), and what an echo costs each model.",

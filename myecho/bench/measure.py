@@ -12,7 +12,6 @@ prints every figure.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -27,6 +26,8 @@ from typing import Any
 
 import zmq
 
+from myecho import __version__
+from myecho.argparser import Parser
 from myecho.bench.harness import ServerError, ServerProcess, free_port
 
 PYTHON = [sys.executable, "-m", "myecho.cli"]
@@ -279,8 +280,9 @@ def report(seconds: float = 2.0, clients: int = 4) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m myecho.bench.measure", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="python -m myecho.bench.measure", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     one = commands.add_parser("client", help="one closed-loop client; prints its JSON report")
     one.add_argument("url")
     one.add_argument("--seconds", type=float, default=2.0)
