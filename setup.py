@@ -16,8 +16,13 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from setuptools import Distribution, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
+
+try:  # setuptools >= 70.1 has its own; Debian 12's (66) uses the wheel package's
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:
+    from wheel.bdist_wheel import bdist_wheel
 
 PROGRAMS = ("myecho-c", "epoll-echo", "myecho-load")
 #: Programs that need a library, found with pkg-config: program -> (its
@@ -74,11 +79,17 @@ class BuildWithC(build_py):
             subprocess.run(command, check=True)
 
 
-class BinaryDistribution(Distribution):
-    """The wheel holds compiled programs: tag it for this platform."""
+class PlatformWheel(bdist_wheel):
+    """Tag the wheel py3-none-PLATFORM: it holds programs compiled for this
+    platform, but no extension module, so any Python 3 runs it (no cp311 ABI)."""
 
-    def has_ext_modules(self) -> bool:
-        return True
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.root_is_pure = False
+
+    def get_tag(self) -> tuple[str, str, str]:
+        platform = super().get_tag()[2]
+        return "py3", "none", platform
 
 
-setup(cmdclass={"build_py": BuildWithC}, distclass=BinaryDistribution)
+setup(cmdclass={"build_py": BuildWithC, "bdist_wheel": PlatformWheel})
