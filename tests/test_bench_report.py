@@ -291,3 +291,14 @@ def test_progress_on_a_terminal_says_the_time_left(capsys: pytest.CaptureFixture
     progress("second")
     assert "~2 min left] [2/3] second" in capsys.readouterr().err
     assert (fmt_eta(30), fmt_eta(150), fmt_eta(3900)) == ("30 s", "2 min", "1 h 05")
+
+
+def test_no_chart_for_what_was_not_measured() -> None:
+    """--scenarios single: one chart, not three of "not measured" bars."""
+    pytest.importorskip("matplotlib")
+    from myecho.bench import charts
+
+    only_single = model("select", "select", 1.0)
+    only_single.multi, only_single.throughput, only_single.ramp = [], [], None
+    drawn = charts.figures(Report([only_single], report().meta))
+    assert [name for name, _ in drawn] == ["single"]

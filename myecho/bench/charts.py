@@ -98,6 +98,11 @@ def _limits(series: Series, log: bool, headroom: float) -> tuple[float, float]:
     return low, max(high, low * 10)
 
 
+def measured(series: Series) -> bool:
+    """Whether any bar of ``series`` has a figure."""
+    return any(bar.value is not None for _, bars in series for bar in bars)
+
+
 def draw(ax: Axes, title: str, labels: list[str], series: Series, axis: Axis, headroom: float = 0.0) -> None:
     """Grouped bars, one group per model, one bar per series."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -109,7 +114,7 @@ def draw(ax: Axes, title: str, labels: list[str], series: Series, axis: Axis, he
         xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
         drawn = ax.bar(
             xs,
-            [b.value if b.value is not None else 0 for b in bars],
+            [b.value if b.value is not None else math.nan for b in bars],
             width,
             label=legend if len(series) > 1 else None,
         )
@@ -159,12 +164,14 @@ def draw(ax: Axes, title: str, labels: list[str], series: Series, axis: Axis, he
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
     ax.set_xlim(-0.6, len(labels) - 0.4)
-    if axis.log:
+    if axis.log and measured(series):
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(LogLocator(base=10, numticks=30))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: axis.tick(value)))
     ax.set_ylim(bottom, top)
+    if not measured(series):
+        ax.set_yticks([])  # an empty panel says "not measured", not a scale of nothing
     ax.set_ylabel(axis.label)
     ax.set_title(title, fontsize=10)
     if len(series) > 1 or any_bound:
@@ -179,8 +186,9 @@ def draw(ax: Axes, title: str, labels: list[str], series: Series, axis: Axis, he
 
 
 def write(report: Report, directory: Path) -> list[Path]:
-    """single.png, multi.png, throughput.png, cost.png (and pipeline.png when
-    the run has it) in ``directory``; returns their paths."""
+    """single.png, multi.png, throughput.png, cost.png and pipeline.png in
+    ``directory``, each when the run measured something it shows; returns
+    their paths."""
     import matplotlib.pyplot as plt
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -207,6 +215,9 @@ def figures(report: Report) -> list[tuple[str, Figure]]:
     drawn: list[tuple[str, Figure]] = []
 
     def chart(name: str, title: str, panels: list[tuple[str, Series, Axis, float]], names: list[str] = labels) -> None:
+        """One figure of stacked panels; none when the run measured nothing it shows."""
+        if not any(measured(series) for _, series, _, _ in panels):
+            return
         fig, axes = plt.subplots(len(panels), 1, figsize=(max(9.0, 0.9 * len(names)), 4.6 * len(panels)), squeeze=False)
         fig.suptitle(f"{title}\n{subtitle}", fontsize=11)
         for ax, (panel, series, axis, headroom) in zip(axes[:, 0], panels, strict=True):

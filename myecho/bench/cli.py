@@ -187,7 +187,7 @@ class Progress:
         line = f"[{now - self.start:6.1f} s{left}] {self.prefix}{message}"
         if self.tty:
             try:
-                columns = os.get_terminal_size(2).columns
+                columns = os.get_terminal_size(2).columns or 80  # 0: a terminal that never said its size
             except OSError:  # stderr is a terminal no more (or never was, in tests)
                 columns = 80
             sys.stderr.write("\r\033[K" + line[: columns - 1])
