@@ -16,13 +16,8 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Distribution, setup
 from setuptools.command.build_py import build_py
-
-try:  # setuptools >= 70.1 has its own; Debian 12's (66) uses the wheel package's
-    from setuptools.command.bdist_wheel import bdist_wheel
-except ImportError:
-    from wheel.bdist_wheel import bdist_wheel
 
 PROGRAMS = ("myecho-c", "epoll-echo", "myecho-load")
 #: Programs that need a library, found with pkg-config: program -> (its
@@ -79,17 +74,26 @@ class BuildWithC(build_py):
             subprocess.run(command, check=True)
 
 
-class PlatformWheel(bdist_wheel):
-    """Tag the wheel py3-none-PLATFORM: it holds programs compiled for this
-    platform, but no extension module, so any Python 3 runs it (no cp311 ABI)."""
+class BinaryDistribution(Distribution):
+    """The wheel holds programs compiled for this platform: install it in
+    platlib and keep the platform in its tag (see PlatformWheel)."""
 
-    def finalize_options(self) -> None:
-        super().finalize_options()
-        self.root_is_pure = False
+    def has_ext_modules(self) -> bool:
+        return True
+
+
+try:  # setuptools >= 70.1 has its own; Debian 12's (66) uses the wheel package's
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:
+    from wheel.bdist_wheel import bdist_wheel
+
+
+class PlatformWheel(bdist_wheel):
+    """Tag the wheel py3-none-PLATFORM: its programs need this platform, but
+    it has no extension module, so any Python 3 runs it (not cp311-cp311)."""
 
     def get_tag(self) -> tuple[str, str, str]:
-        platform = super().get_tag()[2]
-        return "py3", "none", platform
+        return "py3", "none", super().get_tag()[2]
 
 
-setup(cmdclass={"build_py": BuildWithC, "bdist_wheel": PlatformWheel})
+setup(cmdclass={"build_py": BuildWithC, "bdist_wheel": PlatformWheel}, distclass=BinaryDistribution)
