@@ -265,7 +265,9 @@ def test_charts_from_a_saved_run(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     result = subprocess.run(
         [command("myecho-bench"), "--from-json", str(RESULTS), "--charts", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "Single connection" in result.stdout and "C (myecho-c)" in result.stdout
@@ -273,8 +275,9 @@ def test_charts_from_a_saved_run(tmp_path: Path) -> None:
     assert names == ["cost.png", "multi.png", "pipeline.png", "single.png", "throughput.png"]
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
-    result = subprocess.run([command("myecho-bench"), "--from-json", str(bad)], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [command("myecho-bench"), "--from-json", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "is not a myecho-bench --json file" in result.stderr
 

@@ -18,8 +18,9 @@ from conftest import ServeFactory
 from support import NotifySocket, command, exchange, free_port, roundtrip, wait_listening
 
 
-def activate(argv: list[str], port: int, notify: NotifySocket | None = None,
-             env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def activate(
+    argv: list[str], port: int, notify: NotifySocket | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Run argv as systemd would for an Accept=no socket unit."""
     tool = shutil.which("systemd-socket-activate")
     assert tool, "systemd-socket-activate is missing: apt-get install systemd"
