@@ -75,10 +75,25 @@ class BuildWithC(build_py):
 
 
 class BinaryDistribution(Distribution):
-    """The wheel holds compiled programs: tag it for this platform."""
+    """The wheel holds programs compiled for this platform: install it in
+    platlib and keep the platform in its tag (see PlatformWheel)."""
 
     def has_ext_modules(self) -> bool:
         return True
 
 
-setup(cmdclass={"build_py": BuildWithC}, distclass=BinaryDistribution)
+try:  # setuptools >= 70.1 has its own; Debian 12's (66) uses the wheel package's
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:
+    from wheel.bdist_wheel import bdist_wheel
+
+
+class PlatformWheel(bdist_wheel):
+    """Tag the wheel py3-none-PLATFORM: its programs need this platform, but
+    it has no extension module, so any Python 3 runs it (not cp311-cp311)."""
+
+    def get_tag(self) -> tuple[str, str, str]:
+        return "py3", "none", super().get_tag()[2]
+
+
+setup(cmdclass={"build_py": BuildWithC, "bdist_wheel": PlatformWheel}, distclass=BinaryDistribution)

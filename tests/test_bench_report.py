@@ -1,14 +1,17 @@
-"""Table layout, the talk's figures beside ours, ratios, and the JSON schema."""
+"""Table layout, the talk's figures beside ours, ratios, the JSON schema, charts, progress lines."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import jsonschema
 import pytest
+from support import command
 
-from myecho.bench.report import Report, fmt_bytes, fmt_maximum, fmt_time, render
+from myecho.bench.cli import Progress, fmt_eta
+from myecho.bench.report import Report, fmt_bytes, fmt_maximum, fmt_time, from_json, render
 from myecho.bench.scenarios import (
     MemoryResult,
     ModelResult,
@@ -211,3 +214,110 @@ def test_charts_when_matplotlib_is_there(tmp_path: Path) -> None:
     assert sorted(p.name for p in written) == ["cost.png", "multi.png", "single.png", "throughput.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+RESULTS = Path(__file__).parent.parent / "benchmarks" / "results" / "results.json"
+
+
+def test_a_saved_run_reads_back_to_the_same_tables() -> None:
+    original = report(with_talk=True, with_ratios=True)
+    document = json.loads(json.dumps(original.as_json()))
+    again = from_json(document, with_talk=True, with_ratios=True)
+    assert again.text() == original.text()
+    assert again.as_json() == original.as_json()
+    with pytest.raises(ValueError, match="not a myecho-bench/1 document"):
+        from_json({"schema": "other"})
+
+
+def test_the_committed_results_read_back() -> None:
+    document = json.loads(RESULTS.read_text())
+    validate(document)
+    saved = from_json(document)
+    assert saved.as_json() == document
+    assert "≥ 20000" in saved.multi_table()
+
+
+def axis_words(ax: object) -> list[str]:
+    from matplotlib.axes import Axes
+
+    assert isinstance(ax, Axes)
+    return [label.get_text() for label in ax.get_yticklabels() if label.get_visible() and label.get_text()]
+
+
+def test_charts_say_what_a_reader_needs(tmp_path: Path) -> None:
+    """p99 whiskers, decade ticks in words, "≥" hatched, "fails" said, machine and date in the title."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.collections import LineCollection
+
+    from myecho.bench import charts
+
+    drawn = dict(charts.figures(report()))
+    assert sorted(drawn) == ["cost", "multi", "single", "throughput"]
+    for figure in drawn.values():
+        figure.canvas.draw()
+        assert "2 cores, x, Linux 6; 2026-11-26 16:00 UTC" in figure.get_suptitle()
+    (single,) = drawn["single"].axes
+    words = axis_words(single)
+    assert "100 µs" in words and "1 ms" in words
+    assert not any("^" in word or "×" in word for word in words)
+    # exchange 1 of C: median 200 µs, p99 600 µs: the whisker reaches the p99
+    whiskers = [c for c in single.collections if isinstance(c, LineCollection)]
+    tops = [segment[:, 1].max() for c in whiskers for segment in c.get_segments()]
+    assert any(top == pytest.approx(600e-6) for top in tops)
+    times, maxima = drawn["multi"].axes
+    texts = [text.get_text() for text in maxima.texts]
+    assert texts.count("≥ 20,000") == 2 and "49 (refused)" in texts
+    assert sum(1 for patch in maxima.patches if patch.get_hatch()) == 2  # the two lower bounds, only
+    assert "10k" in axis_words(maxima)
+    assert "fails" in [text.get_text() for text in times.texts]
+    rates, _ = drawn["throughput"].axes
+    assert [text.get_text() for text in rates.get_legend().get_texts()] == ["1 client", "32 clients", "256 clients"]
+    for figure in drawn.values():
+        figure.clear()
+
+
+def test_charts_from_a_saved_run(tmp_path: Path) -> None:
+    """myecho-bench --from-json renders a saved run's tables and charts without measuring."""
+    pytest.importorskip("matplotlib")
+    result = subprocess.run(
+        [command("myecho-bench"), "--from-json", str(RESULTS), "--charts", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Single connection" in result.stdout and "C (myecho-c)" in result.stdout
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["cost.png", "multi.png", "pipeline.png", "single.png", "throughput.png"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    result = subprocess.run(
+        [command("myecho-bench"), "--from-json", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "is not a myecho-bench --json file" in result.stderr
+
+
+def test_progress_on_a_terminal_says_the_time_left(capsys: pytest.CaptureFixture[str]) -> None:
+    progress = Progress(enabled=True)
+    progress.tty = True
+    progress.model(1, 3)
+    progress("first")
+    assert "left" not in capsys.readouterr().err  # nothing to go on yet
+    assert progress.first_model is not None
+    progress.first_model -= 60  # the first model took a minute: two more to go
+    progress.model(2, 3)
+    progress("second")
+    assert "~2 min left] [2/3] second" in capsys.readouterr().err
+    assert (fmt_eta(30), fmt_eta(150), fmt_eta(3900)) == ("30 s", "2 min", "1 h 05")
+
+
+def test_no_chart_for_what_was_not_measured() -> None:
+    """--scenarios single: one chart, not three of "not measured" bars."""
+    pytest.importorskip("matplotlib")
+    from myecho.bench import charts
+
+    only_single = model("select", "select", 1.0)
+    only_single.multi, only_single.throughput, only_single.ramp = [], [], None
+    drawn = charts.figures(Report([only_single], report().meta))
+    assert [name for name, _ in drawn] == ["single"]

@@ -19,12 +19,15 @@ from support import ServeFactory, command, exchange, roundtrip, wait_listening
 from myecho.bench.harness import NotifySocket, free_port
 
 
-def activate(argv: list[str], port: int, notify: NotifySocket | None = None) -> subprocess.Popen[bytes]:
+def activate(
+    argv: list[str], port: int, notify: NotifySocket | None = None, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """Run argv as systemd would for an Accept=no socket unit."""
     tool = shutil.which("systemd-socket-activate")
     assert tool, "systemd-socket-activate is missing: apt-get install systemd"
     # Like systemd, the tool passes on only the environment it is told to.
     setenv = [f"--setenv=NOTIFY_SOCKET={notify.path}"] if notify is not None else []
+    setenv += [f"--setenv={name}={value}" for name, value in (env or {}).items()]
     setenv += [f"--setenv={name}" for name in os.environ if name.startswith("COVERAGE_")]
     return subprocess.Popen([tool, f"--listen=127.0.0.1:{port}", *setenv, *argv], stderr=subprocess.PIPE)
 
@@ -61,6 +64,48 @@ def test_socket_activation_hands_over_the_listening_socket(model: str) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
         notify.close()
+
+
+def hide_systemd_libraries(folder: Path) -> str:
+    """A PYTHONPATH on which python-systemd and sdnotify fail to import."""
+    for name in ("systemd", "sdnotify"):
+        (folder / name).mkdir()
+        (folder / name / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize(("model", "address"), [("select", "abstract"), ("asyncio", "path")])
+def test_without_systemd_libraries_the_standard_library_does_it(tmp_path: Path, model: str, address: str) -> None:
+    """A pip install with neither python-systemd nor sdnotify under a Type=notify socket unit: the
+    server takes systemd's socket (LISTEN_FDS) and says READY=1 (to a path or an abstract socket)."""
+    port, decoy = free_port(), free_port()
+    if address == "abstract":
+        notify_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        name = f"myecho-test-notify-{os.getpid()}-{port}"
+        notify_socket.bind("\0" + name)
+        env = {"NOTIFY_SOCKET": "@" + name}
+    else:
+        notify_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify_socket.bind(str(tmp_path / "notify"))
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+    env["PYTHONPATH"] = hide_systemd_libraries(tmp_path)
+    proc = activate([command("myecho"), "serve", model, "--port", str(decoy)], port, env=env)
+    try:
+        wait_listening(port, 10, proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            assert exchange(sock, b"no library\x00") == b"no library\x00"
+        notify_socket.settimeout(10)
+        messages = []
+        while not any("READY=1" in message for message in messages):
+            messages.append(notify_socket.recv(4096).decode())
+        assert f"STATUS=serving on 127.0.0.1:{port}" in messages[-1]
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", decoy), timeout=1).close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        notify_socket.close()
+    assert proc.stderr is not None and b"Traceback" not in proc.stderr.read()
 
 
 @pytest.mark.parametrize("model", ["select", "asyncio"])

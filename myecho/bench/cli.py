@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -17,7 +18,7 @@ from typing import Any
 from myecho import __version__
 from myecho.argparser import Parser
 from myecho.bench import loadgen, procs, startup
-from myecho.bench.report import Report
+from myecho.bench.report import Report, from_json
 from myecho.bench.scenarios import ModelResult, Runner, Settings
 from myecho.bench.servers import BY_NAME, INSTALLED_PORTS, MODELS, inetd_command, unavailable
 
@@ -100,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--markdown", type=Path, metavar="FILE", help="write the tables as Markdown")
     parser.add_argument("--charts", type=Path, metavar="DIR", help="write one PNG chart per table (needs matplotlib)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="measure nothing: print the tables (and write --markdown, --charts) of a run saved with --json",
+    )
     parser.add_argument("--scenarios", metavar="LIST", help="only these of: single,multi,throughput,ramp,pipeline")
     parser.add_argument("--trials", type=int, metavar="N", help="single-connection trials (default 300; quick 40)")
     parser.add_argument(
@@ -141,8 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def fmt_eta(seconds: float) -> str:
+    """Time left, as precise as an estimate deserves: 40 s, 3 min, 1 h 05."""
+    if seconds < 60:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 // 60:02.0f}"
+
+
 class Progress:
-    """One line on stderr per step; rewritten in place on a terminal."""
+    """One line on stderr per step; rewritten in place on a terminal, with
+    the time left (from the models measured so far) beside the elapsed."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
@@ -150,14 +167,31 @@ class Progress:
         self.start = time.monotonic()
         self.prefix = ""
         self.busiest = 0.0
+        self.first_model: float | None = None
+        self.eta_at: float | None = None  # the monotonic time the last model should end
+
+    def model(self, index: int, total: int) -> None:
+        """Model ``index`` of ``total`` starts: the ones done say how long the rest will take."""
+        now = time.monotonic()
+        self.prefix = f"[{index}/{total}] "
+        if self.first_model is None:
+            self.first_model = now
+        if index > 1:
+            self.eta_at = now + (now - self.first_model) / (index - 1) * (total - index + 1)
 
     def __call__(self, message: str) -> None:
         self.busiest = max(self.busiest, procs.loadavg()[0])  # how shared the machine was, step by step
         if not self.enabled:
             return
-        line = f"[{time.monotonic() - self.start:6.1f} s] {self.prefix}{message}"
+        now = time.monotonic()
+        left = f", ~{fmt_eta(self.eta_at - now)} left" if self.tty and self.eta_at is not None else ""
+        line = f"[{now - self.start:6.1f} s{left}] {self.prefix}{message}"
         if self.tty:
-            sys.stderr.write("\r\033[K" + line[: os.get_terminal_size(2).columns - 1])
+            try:
+                columns = os.get_terminal_size(2).columns or 80  # 0: a terminal that never said its size
+            except OSError:  # stderr is a terminal no more (or never was, in tests)
+                columns = 80
+            sys.stderr.write("\r\033[K" + line[: columns - 1])
         else:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
@@ -270,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from myecho.bench.validate import check_loadgen
 
         return check_loadgen(Progress(not options.no_progress))
+    if options.from_json:
+        return render_saved(options)
     settings = settings_from(options)
     targets = parse_targets(options)
     names = [n.strip() for n in options.models.split(",")] if options.models else None
@@ -292,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"reference: {' '.join(startup.reference_argv(python))}, {settings.trials // 2} starts")
         starts += startup.time_starts(python, settings.trials // 2)
     for index, model in enumerate(chosen, 1):
-        progress.prefix = f"[{index}/{len(chosen)}] "
+        progress.model(index, len(chosen))
         why = listening(*targets[model.name]) if model.name in targets else unavailable(model)
         if why is not None:
             results.append(
@@ -300,6 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             continue
         results.append(runner.measure(model, targets.get(model.name), only))
+    progress.eta_at = None
     if starts:
         progress.prefix = ""
         progress(f"reference: {' '.join(startup.reference_argv(python))}, {settings.trials - len(starts)} starts")
@@ -353,6 +390,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if options.json:
         report.write_json(options.json)
+    write_files(report, options)
+    return 0
+
+
+def write_files(report: Report, options: argparse.Namespace) -> None:
+    """--markdown and --charts."""
     if options.markdown:
         options.markdown.write_text(report.text(markdown=True))
     if options.charts:
@@ -360,7 +403,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in report.write_charts(options.charts):
                 print(f"chart: {path}", file=sys.stderr)
         except ImportError:
-            print("myecho-bench: no charts: matplotlib is not installed (pip install 'myecho[bench]')", file=sys.stderr)
+            print(
+                "myecho-bench: no charts: matplotlib is not installed (pip install 'myecho[charts]')", file=sys.stderr
+            )
+
+
+def render_saved(options: argparse.Namespace) -> int:
+    """--from-json: a saved run's tables, Markdown and charts, measured again never."""
+    try:
+        document = json.loads(options.from_json.read_text())
+        report = from_json(document, with_talk=options.talk, with_ratios=options.ratios)
+    except OSError as error:
+        raise SystemExit(f"myecho-bench: cannot read {options.from_json}: {error.strerror}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"myecho-bench: {options.from_json} is not a myecho-bench --json file: {error}") from None
+    sys.stdout.write(report.text())
+    if report.meta.get("pipeline"):
+        sys.stdout.write(pipeline_table(report.meta["pipeline"]))
+    write_files(report, options)
     return 0
 
 

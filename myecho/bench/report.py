@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -296,116 +298,54 @@ class Report:
         path.write_text(json.dumps(self.as_json(), indent=2, ensure_ascii=False) + "\n")
 
     # ---- charts -------------------------------------------------------------
+    def chart_subtitle(self) -> str:
+        """The machine and the date of the run, under every chart's title."""
+        machine = self.meta.get("machine", {})
+        started = str(self.meta.get("started", ""))
+        cpu = machine.get("cpu", "unknown CPU")
+        parts = [
+            f"{machine.get('cores', '?')} cores, {cpu}, Linux {machine.get('kernel', '?')}",
+            f"{started[:16].replace('T', ' ')} UTC" if started else "date unknown",
+        ]
+        load = self.meta.get("load_average", {}).get("max_1min")
+        if load is not None:
+            parts.append(f"load average up to {load:.1f}")
+        if self.meta.get("quick"):
+            parts.append("quick run")
+        return "; ".join(parts)
+
     def write_charts(self, directory: Path) -> list[Path]:
-        """One PNG per table (needs matplotlib: ``pip install 'myecho[bench]'``).
+        """One PNG per table (needs matplotlib: ``pip install 'myecho[charts]'``)."""
+        from myecho.bench import charts
 
-        A missing bar is marked "n/a" (not measured, or the scenario failed:
-        the tables and notes say which).
-        """
-        import matplotlib
+        return charts.write(self, directory)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.axes import Axes
 
-        directory.mkdir(parents=True, exist_ok=True)
-        rows = self.rows_of()
-        labels = [r.label for r in rows]
-        written = []
-        Series = list[tuple[str, list[float | None]]]
+# ---- reading a run back -------------------------------------------------------
+def _load(kind: Any, value: Any) -> Any:
+    """``value`` (parsed JSON) as an instance of the type ``kind``: dataclasses,
+    their lists and optionals, recursively; anything else as it is."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+        hints = typing.get_type_hints(kind)
+        known = {f.name for f in dataclasses.fields(kind)}
+        return kind(**{name: _load(hints[name], item) for name, item in value.items() if name in known})
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        return [_load(item_kind, item) for item in value]
+    if origin in (types.UnionType, typing.Union):
+        for option in typing.get_args(kind):
+            if option is not type(None) and (dataclasses.is_dataclass(option) or typing.get_origin(option) is list):
+                return _load(option, value)
+    return value
 
-        def draw(ax: Axes, title: str, series: Series, ylabel: str, log: bool) -> None:
-            width = 0.8 / max(1, len(series))
-            for k, (legend, values) in enumerate(series):
-                xs = [i + (k - (len(series) - 1) / 2) * width for i in range(len(labels))]
-                ax.bar(xs, [v if v is not None else 0 for v in values], width, label=legend)
-                for x, v in zip(xs, values, strict=True):
-                    if v is None:
-                        ax.annotate(
-                            "n/a",
-                            (x, 0),
-                            xycoords=("data", "axes fraction"),
-                            xytext=(0, 3),
-                            textcoords="offset points",
-                            ha="center",
-                            rotation=90,
-                            fontsize=6,
-                            color="grey",
-                        )
-            ax.set_xticks(range(len(labels)))
-            ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-            if log:
-                ax.set_yscale("log")
-            ax.set_ylabel(ylabel)
-            ax.set_title(title, fontsize=10)
-            if len(series) > 1:
-                ax.legend(fontsize=8)
-            ax.grid(axis="y", alpha=0.3)
 
-        def chart(name: str, panels: list[tuple[str, Series, str, bool]]) -> None:
-            fig, axes = plt.subplots(
-                len(panels), 1, figsize=(max(8.0, 1.1 * len(labels)), 4.8 * len(panels)), squeeze=False
-            )
-            for ax, (title, series, ylabel, log) in zip(axes[:, 0], panels, strict=True):
-                draw(ax, title, series, ylabel, log)
-            fig.tight_layout()
-            path = directory / f"{name}.png"
-            fig.savefig(path, dpi=100)
-            plt.close(fig)
-            written.append(path)
-
-        def single(name: str) -> list[float | None]:
-            out: list[float | None] = []
-            for r in rows:
-                summary: Summary | None = getattr(r.single, name) if r.single else None
-                out.append(summary.median * 1e6 if summary else None)
-            return out
-
-        chart("single", [("Single connection (median, µs; log scale)",
-                          [("connect", single("connect")), ("exchange 1", single("exchange1")),
-                           ("exchange 2", single("exchange2"))], "µs", True)])  # fmt: skip
-
-        def multi(count: int, field: str) -> list[float | None]:
-            out: list[float | None] = []
-            for r in rows:
-                m = r.multi_for(count)
-                value = getattr(m, field) if m and m.complete else None
-                out.append(value * 1e3 if value is not None else None)
-            return out
-
-        counts = sorted({m.connections for r in rows for m in r.multi})
-        times: Series = []
-        for count in counts:
-            times += [(f"open {count}", multi(count, "open_s")), (f"{count} messages", multi(count, "messages_s"))]
-        maxima: Series = [("maximum", [float(r.ramp.maximum) if r.ramp else None for r in rows])]
-        chart(
-            "multi",
-            [
-                ("Multiple connections (median, ms; log scale)", times, "ms", True),
-                ("Maximum concurrent connections, every echo correct", maxima, "connections", True),
-            ],
-        )
-
-        clients = sorted({t.clients for r in rows for t in r.throughput})
-        rates: Series = [
-            (f"{n} clients", [(t.round_trips_per_s if (t := r.throughput_for(n)) else None) for r in rows])
-            for n in clients
-        ]
-        chart("throughput", [("Round trips per second by concurrent clients", rates, "round trips / s", False)])
-
-        big = max(counts, default=1000)
-        cpu: Series = [
-            ("per echo, 32 clients (µs)",
-             [(t.server_cpu_per_echo_s * 1e6 if (t := r.throughput_for(32)) and t.server_cpu_per_echo_s else None)
-              for r in rows]),
-            (f"per connection, {big} at once (µs)",
-             [(m.server_cpu_per_connection_s * 1e6 if (m := r.multi_for(big)) and m.server_cpu_per_connection_s
-               else None) for r in rows]),
-        ]  # fmt: skip
-        memory: Series = [
-            ("RSS sum", [(m.memory.rss_bytes / 2**20 if (m := r.multi_for(big)) and m.memory else None) for r in rows]),
-            ("PSS sum", [(m.memory.pss_bytes / 2**20 if (m := r.multi_for(big)) and m.memory else None) for r in rows]),
-        ]
-        chart("cost", [("Server CPU time (all its processes; log scale)", cpu, "µs", True),
-                       (f"Server memory with {big} connections open (log scale)", memory, "MiB", True)])  # fmt: skip
-        return written
+def from_json(document: dict[str, Any], with_talk: bool = False, with_ratios: bool = False) -> Report:
+    """The report of a run saved with ``--json`` (its tables and charts, without measuring again)."""
+    if document.get("schema") != SCHEMA_ID:
+        raise ValueError(f"not a {SCHEMA_ID} document (schema: {document.get('schema')!r})")
+    results = [_load(ModelResult, model) for model in document["models"]]
+    meta = {key: value for key, value in document.items() if key not in ("schema", "models")}
+    return Report(results, meta, with_talk=with_talk, with_ratios=with_ratios)

@@ -430,7 +430,8 @@ class Runner:
             outs: list[dict[str, Any]] = []
             server_cpu: list[float] = []
             for run in range(s.repeats):
-                self.progress(f"{model.name}: round trips, {clients} clients, run {run + 1}/{s.repeats}")
+                who = f"{clients} client{'s' if clients > 1 else ''}"
+                self.progress(f"{model.name}: round trips, {who}, run {run + 1}/{s.repeats}")
                 window: list[float | None] = []
                 out = loadgen.round_trips(
                     self.client(model),

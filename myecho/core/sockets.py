@@ -35,9 +35,10 @@ def from_systemd() -> list[socket.socket]:
         return []
     try:
         from systemd import daemon
-    except ImportError as error:
-        raise ListenError("LISTEN_FDS is set but python3-systemd is not installed") from error
-    fds: list[int] = daemon.listen_fds(unset_environment=True)
+    except ImportError:
+        fds = _listen_fds()
+    else:
+        fds = daemon.listen_fds(unset_environment=True)
     os.environ.pop("LISTEN_FDNAMES", None)
     sockets = []
     for fd in fds:
@@ -45,6 +46,20 @@ def from_systemd() -> list[socket.socket]:
         sock.set_inheritable(False)
         sockets.append(sock)
     return sockets
+
+
+def _listen_fds() -> list[int]:
+    """sd_listen_fds(3) with the standard library: fds 3, 4, ... when
+    $LISTEN_PID is this process (else they were meant for another); the
+    variables are unset either way, so that no child takes them for its own."""
+    try:
+        pid, count = int(os.environ.get("LISTEN_PID", "")), int(os.environ["LISTEN_FDS"])
+    except ValueError:
+        return []
+    finally:
+        os.environ.pop("LISTEN_PID", None)
+        os.environ.pop("LISTEN_FDS", None)
+    return list(range(3, 3 + count)) if pid == os.getpid() and count > 0 else []
 
 
 def from_systemd_named() -> list[tuple[str, socket.socket]]:

@@ -2,14 +2,17 @@
 
 Readiness, status, watchdog and stopping go through python-systemd's
 ``systemd.daemon.notify`` (Debian's python3-systemd), or through the pure
-Python ``sdnotify`` where the C binding is not installed. Outside systemd
-(no NOTIFY_SOCKET) every call is a no-op, so models never need to ask.
+Python ``sdnotify`` where the C binding is not installed, or, with neither,
+through the few lines of sd_notify(3) below, so that a ``Type=notify`` unit
+never waits for a READY=1 that cannot come. Outside systemd (no
+NOTIFY_SOCKET) every call is a no-op, so models never need to ask.
 """
 
 import io
 import logging
 import logging.handlers
 import os
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,12 +27,25 @@ def _notify_backend() -> Callable[[str], object] | None:
         try:
             import sdnotify
         except ImportError:
-            logging.getLogger("myecho").warning(
-                "NOTIFY_SOCKET is set but neither python3-systemd nor sdnotify is installed"
-            )
-            return None
+            return _datagram_notifier(os.environ["NOTIFY_SOCKET"])
         return sdnotify.SystemdNotifier().notify  # type: ignore[no-any-return]
     return daemon.notify  # type: ignore[no-any-return]
+
+
+def _datagram_notifier(path: str) -> Callable[[str], object] | None:
+    """sd_notify(3) with the standard library: one datagram per message to the
+    unix socket $NOTIFY_SOCKET names ("@...": in the abstract namespace)."""
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    elif not path.startswith("/"):
+        logging.getLogger("myecho").warning("NOTIFY_SOCKET=%s: not a unix socket, not notifying systemd", path)
+        return None
+
+    def send(message: str) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.sendto(message.encode(), path)
+
+    return send
 
 
 class Notifier:

@@ -454,6 +454,36 @@ def test_watchdog_restarts_a_hung_service(clean: Container, model: str) -> None:
         clean.systemctl("daemon-reload")
 
 
+def test_a_notify_unit_starts_without_python_systemd(clean: Container) -> None:
+    """What a pip install under the shipped units meets: neither python3-systemd nor sdnotify can be
+    imported (shadowed on PYTHONPATH by a runtime drop-in, removed afterwards). The standard library
+    takes systemd's socket and says READY=1: the start neither fails nor waits for a timeout."""
+    unit = "myecho@select.service"
+    drop_in = f"/run/systemd/system/{unit}.d"
+    hide = "/usr/local/lib/myecho-test-hide"
+    clean.run(
+        f"mkdir -p {drop_in} {hide}/systemd {hide}/sdnotify && "
+        f"for p in systemd sdnotify; do echo 'raise ImportError(\"hidden by the test\")' > {hide}/$p/__init__.py; "
+        "done && "
+        f"printf '[Service]\\nEnvironment=PYTHONPATH={hide}\\nTimeoutStartSec=20s\\n' > {drop_in}/hide.conf"
+    )
+    clean.systemctl("daemon-reload")
+    try:
+        hidden = clean.run(f"PYTHONPATH={hide} python3 -c 'import systemd.daemon'", check=False)
+        assert hidden.returncode != 0 and "hidden by the test" in hidden.stderr
+        clean.systemctl("start", "myecho@select.socket")
+        round_trip(clean, "select")  # the first connection starts the service, which takes the socket
+        assert state(clean, unit) == "active"
+        pid = main_pid(clean, unit)
+        assert f"PYTHONPATH={hide}" in clean.run(["cat", f"/proc/{pid}/environ"]).stdout.split("\0")
+        assert "systemd/_daemon" not in clean.run(["cat", f"/proc/{pid}/maps"]).stdout  # python-systemd's C part
+        status = show(clean, unit, "StatusText")
+        assert status.startswith("serving on") or " open, " in status, status  # sd_notify got through
+    finally:
+        clean.run(f"rm -rf {drop_in} {hide}")
+        clean.systemctl("daemon-reload")
+
+
 def test_stopping_the_target_stops_every_unit(clean: Container) -> None:
     for model in MODELS:
         clean.systemctl("start", f"myecho@{model}.service")
