@@ -1,7 +1,7 @@
 """Compile the C reference servers with the package build.
 
 ``pip install .`` (and, later, Debian's pybuild) runs build_py; this hook
-compiles benchmarks/c/*.c into myecho/_bin/ inside the build tree, with
+compiles c/*.c and c/bench/*.c into myecho/_bin/ inside the build tree, with
 the caller's CC/CFLAGS/CPPFLAGS/LDFLAGS (dpkg-buildflags under debhelper),
 or with hardening flags when none are given. No binary is ever committed.
 
@@ -46,7 +46,7 @@ def _library_flags(package: str) -> tuple[list[str], list[str]] | None:
 class BuildWithC(build_py):
     def run(self) -> None:
         super().run()
-        source_dir = Path(__file__).parent / "benchmarks" / "c"
+        source_dir = Path(__file__).parent / "c"
         target_dir = Path(self.build_lib) / "myecho" / "_bin"
         target_dir.mkdir(parents=True, exist_ok=True)
         compiler = shlex.split(os.environ.get("CC", "cc"))
@@ -64,7 +64,7 @@ class BuildWithC(build_py):
                 *_flags("CPPFLAGS", ""),
                 *_flags("CFLAGS", HARDENING_CFLAGS),
                 *cflags,
-                str(source_dir / f"{program}.c"),
+                str(source_dir / (f"{program}.c" if program == "myecho-c" else f"bench/{program}.c")),
                 "-o",
                 str(target_dir / program),
                 *_flags("LDFLAGS", HARDENING_LDFLAGS),
