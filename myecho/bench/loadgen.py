@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any
 
-from myecho.bench.servers import program
+from myecho.reference import program
 
 Json = dict[str, Any]
 #: Which client measures the zmq models: "zmtp" (myecho-load) or "pyzmq".
