@@ -187,7 +187,7 @@ def test_remove_and_purge_leave_nothing_serving_and_no_link(clean: Container) ->
         ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 11138), 3)"], check=False
     )
     assert "ConnectionRefusedError" in refused.stderr, refused
-    assert "Server /usr/lib/myecho/myecho-inetd is not executable" in clean.journal("xinetd", "-o", "cat")
+    assert "Server /usr/libexec/myecho/myecho-inetd is not executable" in clean.journal("xinetd", "-o", "cat")
     clean.apt_get("purge", "myecho")
     clean.systemctl("daemon-reload")
     left = clean.run("find /etc/systemd/system /run/myecho /etc/xinetd.d -name '*myecho*' 2>/dev/null; true").stdout
