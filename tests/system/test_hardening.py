@@ -20,17 +20,17 @@ import pytest
 
 from .container import Container
 from .packaging import PORTS
-from .test_package import PROBE, deb, main_pid, probe, round_trip, show, state, wait_until
+from .test_package import PROBE, debs, main_pid, probe, round_trip, show, state, wait_until
 
-__all__ = ["deb"]  # the package fixture, shared with test_package.py
+__all__ = ["debs"]  # the packages fixture, shared with test_package.py
 
 DEFAULT = "/etc/default/myecho"
 
 
 @pytest.fixture(scope="module")
-def box(rootfs: Path, deb: Path) -> Iterator[Container]:
+def box(rootfs: Path, debs: list[Path]) -> Iterator[Container]:
     with Container(rootfs) as booted:
-        booted.apt_install_deb(deb)
+        booted.apt_install_deb(*debs)
         booted.copy_in(Path(__file__).with_name("probe.py"), PROBE)
         yield booted
 
