@@ -249,6 +249,25 @@ def deb_version(box: Container) -> str:
     return box.run(["dpkg-query", "-W", "-f", "${Version}", "myecho"]).stdout.strip()
 
 
+def test_the_service_runs_without_the_bench(rootfs: Path, debs: list[Path]) -> None:
+    """myecho alone, without its Recommends: the models serve, the C server too,
+    and nothing of the benchmark is there or needed."""
+    with Container(rootfs) as alone:
+        inside = alone.copy_in(debs[0], f"/tmp/{debs[0].name}")
+        alone.host_path(inside).chmod(0o644)  # readable by apt's _apt sandbox user
+        result = alone.apt_get("install", "--no-install-recommends", inside)
+        assert not [line for line in result.stderr.splitlines() if not CA_CERTIFICATES_TRIGGER.match(line)]
+        alone.copy_in(Path(__file__).with_name("probe.py"), PROBE)
+        for model in ("select", "c"):
+            alone.systemctl("start", f"myecho@{model}.service")
+            round_trip(alone, model)
+        status = alone.run(["dpkg-query", "-W", "-f", "${Status}", "myecho-bench"], check=False).stdout
+        assert "installed" not in status.split(), status
+        assert alone.run(["sh", "-c", "command -v myecho-bench"], check=False).returncode != 0
+        assert alone.run(["python3", "-c", "import myecho.bench"], check=False).returncode != 0
+        assert alone.run("ls /usr/libexec/myecho").stdout.split() == ["myecho-inetd"]
+
+
 def test_installed_units_verify(box: Container) -> None:
     """systemd-analyze verify on every instance (named links to the installed
     templates: systemd reads the template and the instance's drop-ins)."""
