@@ -13,10 +13,10 @@ two places, looked at in this order:
    ``/usr/libexec/myecho/NAME`` for the others (package myecho-bench),
    where Debian puts programs that only another program runs.
 
-pip can put only Python console scripts on PATH, so there ``myecho-c`` is
-one that replaces itself (execv, same pid: socket activation's LISTEN_PID
-still matches) with the compiled program; Debian installs the program
-itself as /usr/bin/myecho-c.
+A pip install puts console scripts on PATH, not the compiled programs of
+its package, so there ``myecho-c`` is a console script that replaces itself
+(execv, same pid: socket activation's LISTEN_PID still matches) with the
+compiled program; Debian installs the program itself as /usr/bin/myecho-c.
 """
 
 from __future__ import annotations
