@@ -3,8 +3,9 @@
 #   make check   the tests (unit, integration over loopback, lint, types), then
 #                the Debian package (built, lintian-clean) in a booted systemd
 # Both install what they need first when run as root on Debian 12.
-# Also: make deb (dist/myecho_VERSION_ARCH.deb, then lintian), make lintian,
-#       make system (the system tests alone, on the package make deb built).
+# Also: make deb (dist/: the packages myecho and myecho-bench, the source
+#       package; then lintian), make lintian,
+#       make system (the system tests alone, on the packages make deb built).
 
 PYTHON  ?= /usr/bin/python3
 VENV    ?= .venv
@@ -16,7 +17,10 @@ APT_DEPS := python3-venv python3-dev gcc libc6-dev make pkg-config libsystemd-de
 # The package: its version from debian/changelog (no dpkg-dev needed yet).
 DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
 DEB_ARCH    := $(shell dpkg --print-architecture)
-DEB         := dist/myecho_$(DEB_VERSION)_$(DEB_ARCH).deb
+DEBS        := dist/myecho_$(DEB_VERSION)_$(DEB_ARCH).deb dist/myecho-bench_$(DEB_VERSION)_$(DEB_ARCH).deb
+DSC         := dist/myecho_$(DEB_VERSION).dsc
+# The system tests install the packages MYECHO_DEB names (space-separated).
+MYECHO_DEB  := $(foreach deb,$(DEBS),$(CURDIR)/$(deb))
 
 .PHONY: deps venv check test lint type demo clean deb deb-deps lintian system
 
@@ -38,11 +42,11 @@ venv: deps $(VENV)/bin/activate
 check: venv
 	$(TOX) -e lint,type,py -- tests --ignore=tests/system
 	$(MAKE) --no-print-directory deb
-	MYECHO_DEB=$(CURDIR)/$(DEB) $(TOX) -e system
+	MYECHO_DEB="$(MYECHO_DEB)" $(TOX) -e system
 
 # The system tests alone (boot Debian 12 containers; root), on the built .deb.
 system: venv deb
-	MYECHO_DEB=$(CURDIR)/$(DEB) $(TOX) -e system
+	MYECHO_DEB="$(MYECHO_DEB)" $(TOX) -e system
 
 # Build dependencies from debian/control: apt-get build-dep when root.
 deb-deps:
@@ -53,16 +57,18 @@ deb-deps:
 	        apt-get build-dep -y -qq --no-install-recommends ./ >/dev/null; \
 	else dpkg-checkbuilddeps; fi
 
-# dist/myecho_VERSION_ARCH.deb, built in a scratch copy of the tree, then lintian.
+# dist/: myecho and myecho-bench (.deb) and the source package (.dsc), built
+# in a scratch copy of the tree, then lintian.
 deb: deb-deps
 	tools/build-deb dist
 	@$(MAKE) --no-print-directory lintian
 
-# No error, no warning allowed; info and pedantic tags are shown.
+# No error, no warning allowed; info, pedantic and experimental tags are
+# shown (debian/source/lintian-overrides says why each override is there).
 lintian:
 	@command -v lintian >/dev/null || { [ "$$(id -u)" = 0 ] && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lintian >/dev/null; }
-	lintian --fail-on error,warning --display-info --pedantic $(DEB)
+	lintian --fail-on error,warning --display-info --pedantic --display-experimental $(DEBS) $(DSC)
 
 demo: venv
 	$(VENV)/bin/pip install -q '.[systemd,bench]'

@@ -85,6 +85,16 @@ def test_c_reference_bad_port_is_one_line() -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_c_reference_version_and_help() -> None:
+    """myecho-c answers --version with the package's version and --help with its usage, exit 0."""
+    import myecho
+
+    result = subprocess.run([command("myecho-c"), "--version"], capture_output=True, timeout=10, text=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"myecho-c {myecho.__version__}\n", "")
+    result = subprocess.run([command("myecho-c"), "--help"], capture_output=True, timeout=10, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: myecho-c ") and "--version" in result.stdout
+
+
 #: Every Python command an admin or a developer runs, as argv before its options.
 PROGRAMS = {
     "myecho": [command("myecho")],

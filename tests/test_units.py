@@ -103,9 +103,22 @@ def test_a_failing_notify_socket_does_not_raise(monkeypatch: pytest.MonkeyPatch)
 def test_missing_c_binary_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(reference, "BIN_DIR", tmp_path)
+    monkeypatch.setattr(reference, "places", lambda name: [tmp_path / name])
     assert reference.main_c() == 127
     assert "cannot run" in capsys.readouterr().err
+
+
+def test_c_programs_are_found_in_a_fixed_order(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The package's own _bin/ (pip), the installed copy's, then Debian's places; the first that exists."""
+    assert reference.places("myecho-c")[-1] == Path("/usr/bin/myecho-c")
+    assert reference.places("zmq-echo")[-1] == Path("/usr/libexec/myecho/zmq-echo")
+    monkeypatch.setattr(reference, "BIN_DIR", tmp_path / "_bin")
+    first, installed, *_ = reference.places("myecho-load")
+    assert first == tmp_path / "_bin" / "myecho-load"
+    assert reference.program("myecho-load") == installed and installed.is_file()  # the test env's install
+    first.parent.mkdir()
+    first.write_bytes(b"")
+    assert reference.program("myecho-load") == first
 
 
 def test_inetd_write_error_exits_non_zero_and_silent() -> None:

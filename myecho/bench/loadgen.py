@@ -6,7 +6,7 @@ zmq model it measures (and most of a 1,000-connection burst is pyzmq
 creating sockets), so it would measure itself. The pyzmq client
 (``myecho.bench.zmqload``, ``myecho-bench --zmq-client pyzmq``) is kept to
 cross-check: both speak the same command line and print one JSON object per
-line (see benchmarks/c/myecho-load.c), so a scenario never cares which one
+line (see c/bench/myecho-load.c), so a scenario never cares which one
 runs.
 The load generator runs in processes of its own: its CPU is not ours, and
 the ramp can spread connections over several of them, each with its own
@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, Any
 
-from myecho.bench.servers import program
+from myecho.reference import program
 
 Json = dict[str, Any]
 #: The clients of the zmq models: myecho-load speaking ZMTP, or pyzmq REQ sockets.

@@ -22,10 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from myecho import reference
 from myecho.bench import procs
 from myecho.bench.harness import ServerError, ServerProcess, free_port
 from myecho.core.settings import DEFAULT_PORTS
+from myecho.reference import program
 
 #: The packaged units' ports for ``--installed``; inetd by systemd is 11143.
 INSTALLED_PORTS = {
@@ -213,22 +213,6 @@ service myecho-bench
 """
 #: Lifted limits: what is measured is the model, not xinetd's rate limiting.
 XINETD_LIFTED = "    cps         = 1000000 1\n    instances   = UNLIMITED\n    per_source  = UNLIMITED\n"
-
-
-def program(name: str) -> Path:
-    """A compiled program of the package (myecho-c, epoll-echo, zmq-echo, myecho-load).
-
-    Beside the imported package first; when that is a source tree without
-    the compiled programs (tests run from a checkout), the installed one.
-    """
-    path = reference.program(name)
-    if path.exists():
-        return path
-    for entry in sys.path:
-        installed = Path(entry or ".") / "myecho" / "_bin" / name
-        if installed.exists():
-            return installed
-    return path
 
 
 def myecho_command(name: str = "myecho") -> str:

@@ -868,23 +868,25 @@ class Container:
         )
 
     def apt_install_deb(
-        self, deb: str | os.PathLike[str], *, timeout: float = 900.0
+        self, *debs: str | os.PathLike[str], timeout: float = 900.0
     ) -> subprocess.CompletedProcess[str]:
-        """Copy a .deb in and `apt-get install -y ./x.deb` it, pulling its Depends.
+        """Copy .debs in and `apt-get install -y ./x.deb ./y.deb` them, pulling their Depends.
 
         If that fails (the cached apt lists may have gone stale against the
         mirror), apt-get update and try once more.
         """
-        src = Path(deb)
-        if not src.is_file():
-            raise FileNotFoundError(src)
-        inside = self.copy_in(src, f"/tmp/{src.name}")
-        self.host_path(inside).chmod(0o644)  # readable by apt's _apt sandbox user
-        result = self.apt_get("install", inside, check=False, timeout=timeout)
+        inside = []
+        for deb in debs:
+            src = Path(deb)
+            if not src.is_file():
+                raise FileNotFoundError(src)
+            inside.append(self.copy_in(src, f"/tmp/{src.name}"))
+            self.host_path(inside[-1]).chmod(0o644)  # readable by apt's _apt sandbox user
+        result = self.apt_get("install", *inside, check=False, timeout=timeout)
         if result.returncode != 0:
-            log.info("apt-get install %s failed; retrying after apt-get update", src.name)
+            log.info("apt-get install %s failed; retrying after apt-get update", " ".join(map(str, debs)))
             self.apt_get("update", timeout=timeout)
-            result = self.apt_get("install", inside, check=False, timeout=timeout)
+            result = self.apt_get("install", *inside, check=False, timeout=timeout)
         return _checked(result)
 
     def systemctl(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -1,4 +1,4 @@
-"""Host-side helpers of the package tests: build the .deb, read unit files.
+"""Host-side helpers of the package tests: find or build the .debs, read unit files.
 
 Kept apart from the tests so that test_unit_files.py (no container) and
 test_package.py (booted containers) share them.
@@ -10,7 +10,10 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD_DIR = REPO / "systemd"
@@ -48,13 +51,59 @@ MAX_WORKER_EXPOSURE = 1.0
 _EXPOSURE = re.compile(r"Overall exposure level for (\S+): (\d+\.\d+)")
 
 
-def build_deb(outdir: Path, version: str | None = None, timeout: float = 900) -> Path:
-    """tools/build-deb OUTDIR [VERSION]; returns the .deb it made."""
+#: The binary packages of the source package myecho.
+PACKAGES = ("myecho", "myecho-bench")
+
+
+def build_debs(outdir: Path, version: str | None = None, timeout: float = 900) -> list[Path]:
+    """tools/build-deb OUTDIR [VERSION]; returns the .debs it made, myecho first."""
     command = [str(BUILD_DEB), str(outdir), *([version] if version else [])]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
-    return Path(result.stdout.strip().splitlines()[-1])
+    return _in_package_order([Path(line) for line in result.stdout.splitlines() if line.endswith(".deb")])
+
+
+def given_debs(value: str) -> list[Path]:
+    """The .debs that $MYECHO_DEB names: paths separated by spaces, or a
+    folder holding them (make deb's dist/); one of each package, myecho first."""
+    debs: list[Path] = []
+    for word in value.split():
+        path = Path(word).resolve()
+        if path.is_dir():
+            debs += [deb for deb in path.glob("*.deb") if deb.name.split("_")[0] in PACKAGES]
+        elif path.is_file():
+            debs.append(path)
+        else:
+            raise FileNotFoundError(f"MYECHO_DEB: no such file or folder: {word}")
+    return _in_package_order(debs)
+
+
+def _in_package_order(debs: list[Path]) -> list[Path]:
+    by_package: dict[str, Path] = {}
+    for deb in debs:
+        package = deb.name.split("_")[0]
+        if package in by_package:
+            raise ValueError(f"two .debs of {package}: {by_package[package]} and {deb}")
+        by_package[package] = deb
+    missing = set(PACKAGES) - set(by_package)
+    if missing:
+        raise ValueError(f"no .deb of {', '.join(sorted(missing))} among {[str(d) for d in debs]}")
+    return [by_package[package] for package in PACKAGES]
+
+
+def package_debs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The packages under test: those $MYECHO_DEB names (`make deb`'s), else built now."""
+    given = os.environ.get("MYECHO_DEB")
+    if given:
+        try:
+            return given_debs(given)
+        except (OSError, ValueError) as error:
+            pytest.fail(str(error), pytrace=False)
+    started = time.monotonic()
+    debs = build_debs(tmp_path_factory.mktemp("deb"))
+    print(f"built {', '.join(deb.name for deb in debs)} in {time.monotonic() - started:.1f}s")
+    return debs
 
 
 def deb_field(deb: Path, field: str) -> str:

@@ -20,7 +20,7 @@ import pytest
 
 from .container import Container
 from .packaging import BROKER_PORTS, MAX_EXPOSURE, MAX_WORKER_EXPOSURE, REPO, SYSTEMD_DIR, WORKER, exposure
-from .test_package import deb  # noqa: F401  (the session fixture: the package under test)
+from .test_package import debs  # noqa: F401  (the session fixture: the packages under test)
 
 DROPINS = REPO / "curve"
 BROKER = "myecho@broker.service"
@@ -61,9 +61,9 @@ def test_debian_ships_the_dropins_outside_the_unit_path() -> None:
 
 
 @pytest.fixture(scope="module")
-def box(rootfs: Path, deb: Path) -> Iterator[Container]:  # noqa: F811
+def box(rootfs: Path, debs: list[Path]) -> Iterator[Container]:  # noqa: F811
     with Container(rootfs) as booted:
-        booted.apt_install_deb(deb)
+        booted.apt_install_deb(*debs)
         booted.copy_in(Path(__file__).with_name("probe.py"), PROBE)
         yield booted
 

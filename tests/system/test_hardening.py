@@ -20,17 +20,17 @@ import pytest
 
 from .container import Container
 from .packaging import PORTS
-from .test_package import PROBE, deb, main_pid, probe, round_trip, show, state, wait_until
+from .test_package import PROBE, debs, main_pid, probe, round_trip, show, state, wait_until
 
-__all__ = ["deb"]  # the package fixture, shared with test_package.py
+__all__ = ["debs"]  # the packages fixture, shared with test_package.py
 
 DEFAULT = "/etc/default/myecho"
 
 
 @pytest.fixture(scope="module")
-def box(rootfs: Path, deb: Path) -> Iterator[Container]:
+def box(rootfs: Path, debs: list[Path]) -> Iterator[Container]:
     with Container(rootfs) as booted:
-        booted.apt_install_deb(deb)
+        booted.apt_install_deb(*debs)
         booted.copy_in(Path(__file__).with_name("probe.py"), PROBE)
         yield booted
 
@@ -187,7 +187,7 @@ def test_remove_and_purge_leave_nothing_serving_and_no_link(clean: Container) ->
         ["python3", "-c", "import socket; socket.create_connection(('127.0.0.1', 11138), 3)"], check=False
     )
     assert "ConnectionRefusedError" in refused.stderr, refused
-    assert "Server /usr/lib/myecho/myecho-inetd is not executable" in clean.journal("xinetd", "-o", "cat")
+    assert "Server /usr/libexec/myecho/myecho-inetd is not executable" in clean.journal("xinetd", "-o", "cat")
     clean.apt_get("purge", "myecho")
     clean.systemctl("daemon-reload")
     left = clean.run("find /etc/systemd/system /run/myecho /etc/xinetd.d -name '*myecho*' 2>/dev/null; true").stdout

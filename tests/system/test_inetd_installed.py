@@ -6,7 +6,6 @@ against the bare interpreter's start in the same run."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -15,16 +14,15 @@ from pathlib import Path
 import pytest
 
 from .container import Container
-from .packaging import REPO, build_deb
+from .packaging import REPO, package_debs
 
 
 @pytest.fixture(scope="module")
 def installed(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    """A booted container with the package ($MYECHO_DEB, else built now) and xinetd installed."""
-    given = os.environ.get("MYECHO_DEB")
-    deb = Path(given).resolve() if given else build_deb(tmp_path_factory.mktemp("deb"))
+    """A booted container with the packages ($MYECHO_DEB, else built now) and xinetd installed."""
+    debs = package_debs(tmp_path_factory)
     with Container(rootfs) as booted:
-        booted.apt_install_deb(deb)
+        booted.apt_install_deb(*debs)
         booted.apt_get("install", "--no-install-recommends", "xinetd")
         yield booted
 

@@ -32,12 +32,14 @@ from .packaging import (
     SERVICES,
     SYSTEMD_DIR,
     WORKER,
-    build_deb,
+    build_debs,
     deb_field,
     exposure,
+    package_debs,
 )
 
 PROBE = "/root/probe.py"
+CA_CERTIFICATES_TRIGGER = re.compile(r"Updating certificates in /etc/ssl/certs\.\.\.$|\d+ added, \d+ removed; done\.$")
 UNIT_DIR = "/lib/systemd/system"
 
 
@@ -45,37 +47,27 @@ UNIT_DIR = "/lib/systemd/system"
 
 
 @pytest.fixture(scope="session")
-def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The package under test: $MYECHO_DEB (made by `make deb`), else built now."""
-    import os
-
-    given = os.environ.get("MYECHO_DEB")
-    if given:
-        path = Path(given).resolve()
-        if not path.is_file():
-            pytest.fail(f"MYECHO_DEB={given}: no such file", pytrace=False)
-        return path
-    started = time.monotonic()
-    path = build_deb(tmp_path_factory.mktemp("deb"))
-    print(f"built {path.name} in {time.monotonic() - started:.1f}s")
-    return path
+def debs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The packages under test, myecho then myecho-bench: $MYECHO_DEB (made by `make deb`), else built now."""
+    return package_debs(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def newer_deb(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def newer_debs(debs: list[Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """The same source with a higher version, to upgrade to."""
-    version = deb_field(deb, "Version") + "+upgrade1"
-    return build_deb(tmp_path_factory.mktemp("newer-deb"), version)
+    version = deb_field(debs[0], "Version") + "+upgrade1"
+    return build_debs(tmp_path_factory.mktemp("newer-deb"), version)
 
 
 @pytest.fixture(scope="module")
-def box(rootfs: Path, deb: Path) -> Iterator[Container]:
-    """One booted container with the package installed, for the whole module."""
+def box(rootfs: Path, debs: list[Path]) -> Iterator[Container]:
+    """One booted container with both packages installed, for the whole module."""
     with Container(rootfs) as booted:
         started = time.monotonic()
-        result = booted.apt_install_deb(deb)
+        result = booted.apt_install_deb(*debs)
         booted.install_seconds = time.monotonic() - started  # type: ignore[attr-defined]
         booted.install_log = result.stdout  # type: ignore[attr-defined]
+        booted.install_errors = result.stderr  # type: ignore[attr-defined]
         print(f"boot {booted.boot_seconds:.1f}s, apt install {booted.install_seconds:.1f}s")  # type: ignore[attr-defined]
         booted.copy_in(Path(__file__).with_name("probe.py"), PROBE)
         yield booted
@@ -161,28 +153,73 @@ class Background(threading.Thread):
 # ------------------------------------------------ the package and its files
 
 
-def test_deb_ships_the_source_units(deb: Path, tmp_path: Path) -> None:
-    """The units in the .deb are systemd/ byte for byte; /etc files are conffiles."""
+def _unpack(deb: Path, where: Path) -> Path:
     import subprocess
 
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(where)], check=True)
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(where / "DEBIAN")], check=True)
+    return where
+
+
+def _files(root: Path) -> set[str]:
+    """The files (not folders) of an unpacked package, as installed paths."""
+    return {
+        "/" + str(path.relative_to(root))
+        for path in root.rglob("*")
+        if "DEBIAN" not in path.parts and not path.is_dir()
+    }
+
+
+def test_deb_ships_the_source_units(debs: list[Path], tmp_path: Path) -> None:
+    """The units in the .deb are systemd/ byte for byte; /etc files are conffiles."""
+    service = _unpack(debs[0], tmp_path / "myecho")
     for source in SYSTEMD_DIR.rglob("*"):
         if source.is_file():
-            shipped = tmp_path / "lib/systemd/system" / source.relative_to(SYSTEMD_DIR)
+            shipped = service / "lib/systemd/system" / source.relative_to(SYSTEMD_DIR)
             assert shipped.read_bytes() == source.read_bytes(), shipped
-    assert (tmp_path / "etc/xinetd.d/myecho").read_bytes() == (REPO / "xinetd/myecho").read_bytes()
-    control = tmp_path / "control"
-    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
-    assert (control / "conffiles").read_text().split() == ["/etc/default/myecho", "/etc/xinetd.d/myecho"]
+    assert (service / "etc/xinetd.d/myecho").read_bytes() == (REPO / "xinetd/myecho").read_bytes()
+    assert (service / "DEBIAN/conffiles").read_text().split() == ["/etc/default/myecho", "/etc/xinetd.d/myecho"]
     for page in ("myecho.1.gz", "myecho-c.1.gz"):
-        assert (tmp_path / "usr/share/man/man1" / page).is_file()
-    depends = deb_field(deb, "Depends")
+        assert (service / "usr/share/man/man1" / page).is_file()
+    depends = deb_field(debs[0], "Depends")
     for package in ("python3-systemd", "python3-zmq", "python3"):
         assert re.search(rf"(^|, ){package}[ ,:]", depends + ","), depends
 
 
+def test_packages_split_service_and_bench(debs: list[Path], tmp_path: Path) -> None:
+    """myecho: the service and /usr/bin/myecho-c, an ELF; myecho-bench: the
+    benchmark's modules, its command, and the C helpers in /usr/libexec/myecho."""
+    service, bench = (_unpack(deb, tmp_path / deb.name) for deb in debs)
+    service_files, bench_files = _files(service), _files(bench)
+    assert not service_files & bench_files
+    assert (service / "usr/bin/myecho-c").read_bytes()[:4] == b"\x7fELF"
+    helpers = {f"/usr/libexec/myecho/{name}" for name in ("myecho-load", "epoll-echo", "zmq-echo")}
+    assert helpers <= bench_files
+    for helper in helpers:
+        assert (bench / helper[1:]).read_bytes()[:4] == b"\x7fELF", helper
+    assert "/usr/bin/myecho-bench" in bench_files and "/usr/bin/myecho-bench" not in service_files
+    packages = "/usr/lib/python3/dist-packages/myecho"
+    assert f"{packages}/bench/cli.py" in bench_files
+    assert not {path for path in service_files if path.startswith(f"{packages}/bench")}
+    assert all(path.startswith(f"{packages}/bench/") for path in bench_files if path.startswith("/usr/lib/python3/"))
+    assert not any("/_bin" in path for path in service_files | bench_files)  # pip's place, not Debian's
+    assert "(= " + deb_field(debs[0], "Version") + ")" in deb_field(debs[1], "Depends")
+    assert "sdnotify" not in deb_field(debs[0], "Recommends")
+    assert set(deb_field(debs[1], "Suggests").split(", ")) == {"python3-matplotlib", "redis-tools", "xinetd"}
+    description = deb_field(debs[0], "Description")
+    for word in ("inetd", "fork", "select", "asyncio", "zmq", "broker", "worker", "pipeline", "pubsub", "c:"):
+        assert word in description, word
+    assert "myecho-bench" in description
+
+
 def test_install_pulls_debian_packages_and_starts_nothing(box: Container) -> None:
     log: str = box.install_log  # type: ignore[attr-defined]
+    errors: str = box.install_errors  # type: ignore[attr-defined]
+    # Nothing on stderr from the packages (not even "... is a disabled or a
+    # static unit, not starting it"); only ca-certificates, which this minimal
+    # system lacks and apt pulls in along, reports its trigger there.
+    ours = [line for line in errors.splitlines() if not CA_CERTIFICATES_TRIGGER.match(line)]
+    assert not ours, errors
     # "Get:N URI SUITE/COMPONENT ARCH PACKAGE ..." per download; the .deb itself is a local file.
     downloads = re.findall(r"^Get:\d+ (\S+) \S+ \S+ (\S+) ", log, re.MULTILINE)
     downloads = [(uri, package) for uri, package in downloads if not uri.startswith("/")]
@@ -198,6 +235,9 @@ def test_install_pulls_debian_packages_and_starts_nothing(box: Container) -> Non
     assert where.stdout.count("/usr/lib/python3/dist-packages/") == 2, where.stdout
     assert not box.run("ls /usr/local/lib/python3*/dist-packages 2>/dev/null", check=False).stdout.strip()
     assert box.run(["myecho", "--version"]).stdout.strip() == "myecho " + deb_version(box)
+    # /usr/bin/myecho-c is the C program itself, not a script that starts one.
+    assert box.run("head -c 4 /usr/bin/myecho-c | od -An -c").stdout.split() == ["177", "E", "L", "F"]
+    assert box.run(["myecho-c", "--version"]).stdout.strip() == "myecho-c " + deb_version(box)
     # Nothing enabled, nothing running, nothing listening.
     assert not box.systemctl("list-units", "--plain", "--no-legend", "myecho*").stdout.strip()
     assert not box.run("ls /etc/systemd/system/*/ | grep myecho", check=False).stdout.strip()
@@ -207,6 +247,25 @@ def test_install_pulls_debian_packages_and_starts_nothing(box: Container) -> Non
 
 def deb_version(box: Container) -> str:
     return box.run(["dpkg-query", "-W", "-f", "${Version}", "myecho"]).stdout.strip()
+
+
+def test_the_service_runs_without_the_bench(rootfs: Path, debs: list[Path]) -> None:
+    """myecho alone, without its Recommends: the models serve, the C server too,
+    and nothing of the benchmark is there or needed."""
+    with Container(rootfs) as alone:
+        inside = alone.copy_in(debs[0], f"/tmp/{debs[0].name}")
+        alone.host_path(inside).chmod(0o644)  # readable by apt's _apt sandbox user
+        result = alone.apt_get("install", "--no-install-recommends", inside)
+        assert not [line for line in result.stderr.splitlines() if not CA_CERTIFICATES_TRIGGER.match(line)]
+        alone.copy_in(Path(__file__).with_name("probe.py"), PROBE)
+        for model in ("select", "c"):
+            alone.systemctl("start", f"myecho@{model}.service")
+            round_trip(alone, model)
+        status = alone.run(["dpkg-query", "-W", "-f", "${Status}", "myecho-bench"], check=False).stdout
+        assert "installed" not in status.split(), status
+        assert alone.run(["sh", "-c", "command -v myecho-bench"], check=False).returncode != 0
+        assert alone.run(["python3", "-c", "import myecho.bench"], check=False).returncode != 0
+        assert alone.run("ls /usr/libexec/myecho").stdout.split() == ["myecho-inetd"]
 
 
 def test_installed_units_verify(box: Container) -> None:
@@ -537,7 +596,7 @@ def test_xinetd_serves_the_inetd_model(clean: Container) -> None:
 # ----------------------------------------------- upgrade, then purge (last)
 
 
-def test_upgrade_keeps_running_services_running(clean: Container, newer_deb: Path) -> None:
+def test_upgrade_keeps_running_services_running(clean: Container, newer_debs: list[Path]) -> None:
     """A newer build over a running system: the running models go on (restarted
     on the new code, with no connection refused); a stopped one stays stopped."""
     before = {}
@@ -552,9 +611,9 @@ def test_upgrade_keeps_running_services_running(clean: Container, newer_deb: Pat
     )
     stream.start()
     started = time.monotonic()
-    clean.apt_install_deb(newer_deb)
+    clean.apt_install_deb(*newer_debs)
     print(f"upgrade: apt install {time.monotonic() - started:.1f}s")
-    assert deb_version(clean) == deb_field(newer_deb, "Version")
+    assert deb_version(clean) == deb_field(newer_debs[0], "Version")
     for model, pid in before.items():
         unit = f"myecho@{model}.service"
         wait_until(
@@ -577,15 +636,15 @@ def test_purge_leaves_nothing_behind(box: Container) -> None:
     box.systemctl("start", "myecho@select.service", "myecho@zmq.service")
     round_trip(box, "fork")
     assert box.run("ls /etc/systemd/system/sockets.target.wants/ | grep -c myecho").stdout.strip() == "2"
-    files = box.run(["dpkg", "-L", "myecho"]).stdout.split()
+    files = box.run(["dpkg", "-L", "myecho", "myecho-bench"]).stdout.split()
     started = time.monotonic()
-    box.apt_get("purge", "myecho")
+    box.apt_get("purge", "myecho", "myecho-bench")
     print(f"apt purge {time.monotonic() - started:.1f}s")
     box.systemctl("daemon-reload")
     left = [path for path in files if path.count("/") > 1 and "myecho" in path]
     present = box.run(["sh", "-c", 'for f; do [ -e "$f" ] && echo "$f"; done; true', "sh", *left]).stdout.split()
     assert not present
-    box.run("rm -f /tmp/myecho_*.deb")  # the harness's copies of the packages
+    box.run("rm -f /tmp/myecho_*.deb /tmp/myecho-bench_*.deb")  # the harness's copies of the packages
     found = box.run(
         "find / /run /tmp -xdev \\( -path /proc -o -path /sys \\) -prune -o -name '*myecho*' -print 2>/dev/null; true"
     ).stdout.split()

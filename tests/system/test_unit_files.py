@@ -169,9 +169,9 @@ def test_xinetd_file() -> None:
     assert settings["bind"] == "127.0.0.1"
     # The package's own program, not /usr/bin/python3: it goes with the package,
     # and xinetd then drops the service (see debian/myecho.postrm).
-    assert settings["server"] == "/usr/lib/myecho/myecho-inetd"
+    assert settings["server"] == "/usr/libexec/myecho/myecho-inetd"
     assert "server_args" not in settings
-    assert "xinetd/myecho-inetd usr/lib/myecho/" in (REPO / "debian" / "myecho.install").read_text()
+    assert "xinetd/myecho-inetd usr/libexec/myecho/" in (REPO / "debian" / "myecho.install").read_text()
     rate, _seconds_off = (int(n) for n in settings["cps"].split())
     assert rate > 50, "xinetd's default (50 a second) would turn the service off in a burst"
     assert int(settings["instances"]) > 50

@@ -3,6 +3,7 @@
  * per connection), corrected.
  *
  * Usage: myecho-c [--host ADDR] [PORT]      (default 127.0.0.1, port 11142)
+ *        myecho-c --help | --version
  *
  * What changed compared to the code shown in the talk:
  *  1. The parent closed the listening socket and returned after the first
@@ -53,6 +54,9 @@
 #include <unistd.h>
 
 #define PROG          "myecho-c"
+#ifndef MYECHO_VERSION
+#define MYECHO_VERSION "unknown"     /* c/Makefile passes the package's */
+#endif
 #define DEFAULT_HOST  "127.0.0.1"
 #define DEFAULT_PORT  "11142"
 #define BUF_SIZE      (64 * 1024)
@@ -74,12 +78,14 @@ static void usage(FILE *f)
 {
     fprintf(f,
         "usage: " PROG " [--host ADDR] [PORT]\n"
+        "       " PROG " --help | --version\n"
         "Echo server (RFC 862, TCP), one forked process per connection.\n"
         "  --host ADDR        numeric IPv4 or IPv6 address to listen on"
         " (default " DEFAULT_HOST ")\n"
         "  PORT, --port PORT  TCP port (default " DEFAULT_PORT
         "; 0 picks a free one)\n"
         "  -h, --help         show this help and exit\n"
+        "  --version          show the version and exit\n"
         "Under systemd socket activation (LISTEN_FDS) it serves fd 3.\n"
         "SIGTERM/SIGINT: stop accepting, wait MYECHO_GRACEFUL_TIMEOUT seconds"
         " (default 5)\nfor open connections, then terminate them.\n");
@@ -318,6 +324,9 @@ int main(int argc, char **argv)
         const char *a = argv[i], *val;
         if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
+            return 0;
+        } else if (!strcmp(a, "--version")) {
+            puts(PROG " " MYECHO_VERSION);
             return 0;
         } else if (!strcmp(a, "--host") || !strcmp(a, "--port")) {
             if (i + 1 == argc)
