@@ -6,13 +6,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from support import roundtrip
 
 from myecho.bench import procs
+from myecho.bench.harness import ServerProcess
 from myecho.bench.servers import BY_NAME, MODELS, SCENARIOS, Server, launch_command, unavailable
 
 
@@ -123,3 +128,30 @@ def test_zmq_limit_echoes_frame_for_frame_and_stops() -> None:
         context.destroy(linger=0)
         server.stop()
     assert server.proc is not None and server.proc.returncode == 0
+
+
+@pytest.mark.parametrize("session", [False, True])
+def test_harness_stop_kills_a_server_deaf_to_sigterm_and_its_children(session: bool) -> None:
+    """Past the grace period, the server and every process it started are gone."""
+    code = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "if os.fork() == 0:\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print(flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    server = ServerProcess([sys.executable, "-c", code], notify=False, session=session, stdout=subprocess.PIPE)
+    assert server.proc.stdout is not None
+    server.proc.stdout.readline()  # the child is forked
+    tree = procs.tree(server.pid)
+    assert len(tree) == 2
+    assert server.stop(grace=0.5) is None
+    assert server.proc.returncode == -signal.SIGKILL
+    for pid in tree[1:]:  # reaped by init once orphaned: gone, or a zombie for a moment
+        for _ in range(100):
+            if procs.state(pid) in (None, "Z"):
+                break
+            time.sleep(0.02)
+        assert procs.state(pid) in (None, "Z")

@@ -238,8 +238,9 @@ class ServerProcess:
     def kill(self) -> None:
         """SIGKILL for the server and every process it left, then reap it."""
         if self.session:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.proc.returncode is None:  # once reaped, its group id may belong to someone else
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
         elif self.proc.poll() is None:
             for pid in procs.tree(self.proc.pid)[1:]:
                 with contextlib.suppress(ProcessLookupError):
