@@ -188,7 +188,7 @@ class ForkServer:
         self.ready: deque[Waiting] = deque()  # spoke: the next to get a child
         self.selector = selectors.DefaultSelector()
         self.slots_fd, self.slots = new_slots()
-        self.free_slots = deque(range(1, SLOT_COUNT))  # 0 is the warm-up's scratch
+        self.free_slots = deque(range(1, SLOT_COUNT))  # 0: scratch, for a connection that finds none free
         self.done_bytes = self.done_messages = 0  # of connections that ended
         self.acceptor = Acceptor(self.selector, runtime)
         self.spawner: SpawnerLink | None = None
