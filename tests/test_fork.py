@@ -208,23 +208,24 @@ def test_spares_are_topped_up_after_a_quiet_moment_or_when_few_are_left() -> Non
     during the first exchanges of the connection it replaces: the parent
     waits for REPLENISH_DELAY without a handover, unless fewer than half
     of the spares are left."""
-    from collections import deque
-
     from myecho.models import fork
+    from myecho.models.children import Children
 
     # Only the policy: no runtime, whose signal handlers would stay in this process.
     server = object.__new__(fork.ForkServer)
+    server.children = Children()
     left, right = socket.socketpair()
     try:
-        server.spares = deque(fork.Spare(pid, left) for pid in (1, 2, 3))  # one of four was just handed over
+        for pid in (1, 2, 3):  # one of four was just handed over
+            server.children.add_spare(pid, left)
         server.last_handover = time.monotonic()
         assert 0 < server.replenish_in(4) <= fork.REPLENISH_DELAY
         server.last_handover -= fork.REPLENISH_DELAY
         assert server.replenish_in(4) == 0
         server.last_handover = time.monotonic()
-        server.spares.pop()
+        server.children.spares.popitem()
         assert server.replenish_in(4) > 0  # two of four: still half
-        server.spares.pop()
+        server.children.spares.popitem()
         assert server.replenish_in(4) == 0  # one of four: at once
     finally:
         left.close()
