@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from myecho.models.children import Children
+from myecho.models.children import CHILD_MEMORY, PARENT_FDS, Children, fitting
 
 
 @pytest.fixture
@@ -98,3 +99,15 @@ def test_overdue_after_the_deadline_and_no_longer_once_a_spare_comes(channels: l
     assert spare(children, 60, channels) is not None
     assert not children.overdue() and not children.late
     children.close_channels()
+
+
+def test_the_default_limit_is_what_the_machine_holds() -> None:
+    """Each bound in turn: a low fd limit wins over this machine's memory and pid_max."""
+    count, bound = fitting(4, 128, 1000)
+    assert (count, bound) == (1000 - PARENT_FDS - 128 - 4, "the fd limit, 1000")
+    count, bound = fitting(4, 128, 10**9)  # no fd limit to speak of: memory, pid_max or the cgroup
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    available = int(next(line for line in meminfo if line.startswith("MemAvailable")).split()[1])
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    assert count <= min(available * 1024 // 2 // CHILD_MEMORY, pid_max - 2000)
+    assert "MemAvailable" in bound or "pid" in bound

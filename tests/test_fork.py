@@ -290,3 +290,12 @@ def test_status_counts_bytes_while_connections_are_open(serve: ServeFactory, mod
     assert status.startswith("1 open")
     sock.close()
     wait_status(server, "0 open, 1 served, 3 messages, 11 bytes echoed")
+
+
+def test_without_max_children_the_limit_fits_the_machine(serve: ServeFactory) -> None:
+    server = serve("fork")
+    line = wait_until(lambda: next((x for x in server.stderr.splitlines() if "max-children:" in x), None),
+                      what="the max-children line")
+    count = int(line.split("max-children: ")[1].split(",")[0])
+    assert count > 1000  # the old fixed default, well below what this machine holds
+    assert "as many as fit (" in line

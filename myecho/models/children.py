@@ -28,6 +28,13 @@ from pathlib import Path
 from myecho.models.spawner import MESSAGE
 
 SPAWNER = Path(__file__).with_name("spawner.py")
+#: What a child serving one connection costs in memory (PSS: its own pages,
+#: plus its share of those it shares), rounded up from what one measures
+#: over 1,000 open connections (about 410 kB on CPython 3.11).
+CHILD_MEMORY = 512 * 1024
+#: Descriptors the parent keeps for itself (listeners, the spawner, the
+#: journal, the slots) besides one per child and one per lobby connection.
+PARENT_FDS = 64
 #: A spare asked of the spawner and not received after this long: the
 #: spawner is stopped or stuck, and the parent forks connections itself.
 SPAWNER_DEADLINE = 0.5
@@ -163,3 +170,53 @@ def _child_environment() -> dict[str, str]:
     """Ours, minus what systemd meant for the main process alone."""
     private = ("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM")
     return {key: value for key, value in os.environ.items() if not key.startswith(private)}
+
+
+def fitting(spares: int, lobby: int, fd_limit: int) -> tuple[int, str]:
+    """The most children this machine holds, and what bounds it: half of
+    MemAvailable at CHILD_MEMORY each, the fd limit (the parent keeps one
+    descriptor per child and per lobby or spare connection), the kernel's
+    pid_max and the service's cgroup ``pids.max`` (systemd's TasksMax), each
+    less what the parent and the spawner need."""
+    bounds = [(max(1, fd_limit - PARENT_FDS - lobby - spares), f"the fd limit, {fd_limit}")]
+    available = _meminfo("MemAvailable")
+    if available:
+        bounds.append((max(1, available // 2 // CHILD_MEMORY), f"half of MemAvailable, {available >> 20} MiB"))
+    pid_max = _number(Path("/proc/sys/kernel/pid_max"))
+    if pid_max:
+        bounds.append((max(1, pid_max - 2000 - spares), f"pid_max, {pid_max}"))
+    tasks = _number(_cgroup() / "pids.max")
+    if tasks:
+        bounds.append((max(1, tasks - 16 - spares), f"the cgroup's pids.max, {tasks}"))
+    return min(bounds)
+
+
+def _meminfo(field: str) -> int:
+    """A /proc/meminfo field in bytes; 0 if unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _number(path: Path) -> int:
+    """A file holding one number; 0 if it is missing or says "max"."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def _cgroup() -> Path:
+    """This process's cgroup v2 directory (the root if unknown)."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return Path("/sys/fs/cgroup") / line[3:].lstrip("/")
+    except OSError:
+        pass
+    return Path("/sys/fs/cgroup")

@@ -56,7 +56,7 @@ from myecho.accepting import (
     idle_reason,
     shed_reason,
 )
-from myecho.models.children import SPAWNER_DEADLINE, Children, Spawner
+from myecho.models.children import SPAWNER_DEADLINE, Children, Spawner, fitting
 from myecho.models.spawner import (
     HANDOVER,
     SLOT,
@@ -84,6 +84,9 @@ PR_SET_CHILD_SUBREAPER = 36
 #: parent for their first byte, at most this many: a silent one never gets
 #: a process, and when the lobby is full the one silent the longest leaves.
 LOBBY = 128
+#: Spares allowed for when working out how many children fit (a reload may
+#: raise ``spare_children``).
+SPARES_COUNTED = 64
 #: Connections taken from the backlog per wake-up of the loop.
 ACCEPT_BATCH = 64
 load_prctl()  # here, once: a child forked after accept must start echoing as soon as it can
@@ -130,11 +133,12 @@ class ForkServer:
         self.next_scan = 0.0
         self.pressure = Pressure()
         self.queued = 0  # connections waiting behind us at the limit, at the last scan
+        self.fitting = 1  # max_children 0: as many as fit, computed in serve()
 
     def room(self) -> bool:
         """Room for one more connection, and (with a spawner) a spare to take it,
         or a spawner so late that the parent forks itself."""
-        if len(self.busy) >= self.rt.settings.max_children:
+        if len(self.busy) >= self.max_children():
             return False
         if self.spawner is None or self.rt.settings.spare_children == 0 or self.children.spares:
             return True
@@ -147,8 +151,12 @@ class ForkServer:
             return True
         return False
 
+    def max_children(self) -> int:
+        """The setting, or when it is 0 (the default) what fits the machine."""
+        return self.rt.settings.max_children or self.fitting
+
     def full(self) -> bool:
-        return len(self.busy) >= self.rt.settings.max_children
+        return len(self.busy) >= self.max_children()
 
     def accept(self, listener: socket.socket) -> None:
         """A bounded batch: to a child while there is room, else to the lobby."""
@@ -330,7 +338,7 @@ class ForkServer:
         children.retire(wanted)
         if self.replenish_in(wanted) > 0:
             return
-        room = settings.max_children + ending - len(children) - children.asked
+        room = self.max_children() + ending - len(children) - children.asked
         count = min(wanted - len(children.spares) - children.asked, room)
         if count > 0:
             children.asking(count)
@@ -438,7 +446,10 @@ class ForkServer:
     # -- the loop ---------------------------------------------------------------
     def serve(self) -> None:
         rt = self.rt
-        raise_fd_limit()  # the parent keeps a copy of every connection
+        fd_limit = raise_fd_limit()  # the parent keeps a copy of every connection
+        self.fitting, bound = fitting(max(rt.settings.spare_children, SPARES_COUNTED), LOBBY, fd_limit)
+        if not rt.settings.max_children:
+            rt.log.info("max-children: %d, as many as fit (%s)", self.fitting, bound)
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead spawner's busy children become ours
         self.selector.register(rt.signals, selectors.EVENT_READ, "signals")
         # Objects that exist now are shared with every child: keep the garbage
