@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-children",
         type=option_type("max_children"),
         metavar="N",
-        help="stop accepting while N children run (default: 1000)",
+        help="stop accepting while N children run (default: 0, as many as fit this machine: the least of half "
+        "its MemAvailable at 512 kB per child, the open-files limit, pid_max and the cgroup's pids.max, "
+        "less a margin; the log says which and how many)",
     )
     fork.add_argument(
         "--spare-children",

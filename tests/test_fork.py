@@ -223,23 +223,24 @@ def test_spares_are_topped_up_after_a_quiet_moment_or_when_few_are_left() -> Non
     during the first exchanges of the connection it replaces: the parent
     waits for REPLENISH_DELAY without a handover, unless fewer than half
     of the spares are left."""
-    from collections import deque
-
     from myecho.models import fork
+    from myecho.models.children import Children
 
     # Only the policy: no runtime, whose signal handlers would stay in this process.
     server = object.__new__(fork.ForkServer)
+    server.children = Children()
     left, right = socket.socketpair()
     try:
-        server.spares = deque(fork.Spare(pid, left) for pid in (1, 2, 3))  # one of four was just handed over
+        for pid in (1, 2, 3):  # one of four was just handed over
+            server.children.add_spare(pid, left)
         server.last_handover = time.monotonic()
         assert 0 < server.replenish_in(4) <= fork.REPLENISH_DELAY
         server.last_handover -= fork.REPLENISH_DELAY
         assert server.replenish_in(4) == 0
         server.last_handover = time.monotonic()
-        server.spares.pop()
+        server.children.spares.popitem()
         assert server.replenish_in(4) > 0  # two of four: still half
-        server.spares.pop()
+        server.children.spares.popitem()
         assert server.replenish_in(4) == 0  # one of four: at once
     finally:
         left.close()
@@ -309,3 +310,39 @@ def test_status_counts_bytes_while_connections_are_open(serve: ServeFactory, mod
     assert status.startswith("1 open")
     sock.close()
     wait_status(server, "0 open, 1 served, 3 messages, 11 bytes echoed")
+
+
+def test_without_max_children_the_limit_fits_the_machine(serve: ServeFactory) -> None:
+    server = serve("fork")
+    line = wait_until(
+        lambda: next((x for x in server.stderr.splitlines() if "max-children:" in x), None),
+        what="the max-children line",
+    )
+    count = int(line.split("max-children: ")[1].split(",")[0])
+    assert count > 1000  # the old fixed default, well below what this machine holds
+    assert "as many as fit (" in line
+
+
+def test_a_child_costs_little_more_than_the_interpreter_floor(serve: ServeFactory) -> None:
+    """A child's memory is what it writes after its fork: over 200 open
+    connections each one's PSS (its own pages, its share of the others)
+    stays far below what a child that warms up, loads ctypes or builds
+    socket objects costs (about 780 kB on CPython 3.11)."""
+    server = serve("fork")
+    spawner = spawner_of(server)
+    held = []
+    try:
+        for number in range(200):
+            sock = server.connect()
+            assert roundtrip(sock, b"%d" % number) == b"%d" % number
+            held.append(sock)
+        children = children_of(spawner)
+        assert len(children) >= 200
+        pss = []
+        for pid in children:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            pss.append(int(next(line for line in rollup if line.startswith("Pss:")).split()[1]))
+        assert sum(pss) / len(pss) < 560, f"mean PSS per child {sum(pss) / len(pss):.0f} kB"
+    finally:
+        for sock in held:
+            sock.close()

@@ -53,7 +53,7 @@ class Settings:
     port: int = 0
     backlog: int = 4096
     graceful_timeout: float = 5.0
-    max_children: int = 1000
+    max_children: int = 0  # the fork model: 0 = as many as fit the machine
     spare_children: int = 4
     max_connections: int = 19000
     buffer_limit: int = 65536
@@ -144,7 +144,7 @@ LIMITS: dict[str, tuple[float, float]] = {
     "port": (0, 65535),
     "backlog": (1, 1 << 20),
     "graceful_timeout": (0, 86400),
-    "max_children": (1, 1_000_000),
+    "max_children": (0, 1_000_000),
     "spare_children": (0, 10_000),
     "max_connections": (1, 10_000_000),
     "buffer_limit": (1, 1 << 30),

@@ -24,7 +24,8 @@ longer on the client's clock. A spawner that does not answer within
 ``SPAWNER_DEADLINE`` (stopped, stuck) is worked around: the parent forks
 itself until spares come again. A spawner that dies leaves the
 connections it served to the parent (a child subreaper), which goes back
-to forking itself.
+to forking itself. Which child is which (forked here, spare, retiring,
+serving) is kept in ``children.py``.
 
 Idle connections: the parent keeps its own copy of every connection it
 hands over, and each child records its last activity and its figures in
@@ -42,11 +43,9 @@ import os
 import selectors
 import signal
 import socket
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 
 from myecho.core.accepting import (
     LISTENER,
@@ -59,9 +58,9 @@ from myecho.core.accepting import (
 )
 from myecho.core.runtime import Runtime
 from myecho.core.sockets import Listeners, describe, raise_fd_limit
+from myecho.models.children import SPAWNER_DEADLINE, Children, Spawner, fitting
 from myecho.models.spawner import (
     HANDOVER,
-    MESSAGE,
     SLOT,
     SLOT_COUNT,
     SLOT_SIZE,
@@ -76,14 +75,10 @@ from myecho.models.spawner import (
 LISTENERS = Listeners()  # systemd's sockets, or one bound on HOST:PORT
 PREFORK = False
 
-SPAWNER = Path(__file__).with_name("spawner.py")
 #: Seconds without a handover before the spares are topped up (while at
 #: least half are left). Longer than a first exchange (under a millisecond),
 #: short enough that a pool drawn on every few ms still refills.
 REPLENISH_DELAY = 0.003
-#: A spare asked of the spawner and not received after this long: the
-#: spawner is stopped or stuck, and the parent forks connections itself.
-SPAWNER_DEADLINE = 0.5
 #: How often the parent reads the children's slots (idle timeout, STATUS)
 #: when nothing is due sooner.
 SCAN_INTERVAL = 0.25
@@ -92,6 +87,9 @@ PR_SET_CHILD_SUBREAPER = 36
 #: parent for their first byte, at most this many: a silent one never gets
 #: a process, and when the lobby is full the one silent the longest leaves.
 LOBBY = 128
+#: Spares allowed for when working out how many children fit (a reload may
+#: raise ``spare_children``).
+SPARES_COUNTED = 64
 #: Connections taken from the backlog per wake-up of the loop.
 ACCEPT_BATCH = 64
 load_prctl()  # here, once: a child forked after accept must start echoing as soon as it can
@@ -117,109 +115,51 @@ class Busy:
     why: str = ""  # set when the parent ended it
 
 
-@dataclass
-class Spare:
-    """A child forked ahead of need, waiting for one connection."""
-
-    pid: int
-    channel: socket.socket  # the parent's end of the spare's socketpair
-
-
-class SpawnerLink:
-    """The parent's side of the spawner: its process and its control socket."""
-
-    def __init__(self, slots_fd: int) -> None:
-        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        with theirs:
-            theirs.set_inheritable(True)
-            os.set_inheritable(slots_fd, True)
-            try:
-                argv = [str(os.getpid()), str(theirs.fileno()), str(slots_fd)]
-                self.pid = os.posix_spawn(
-                    sys.executable, [sys.executable, "-I", "-S", str(SPAWNER), *argv], _child_environment()
-                )
-            finally:
-                os.set_inheritable(slots_fd, False)
-        self.asked = 0  # spares asked for, not yet received
-        self.waited_since = 0.0  # when the oldest of those was asked for
-        self.late = False  # said so in the log
-
-    def ask(self) -> None:
-        if not self.asked:
-            self.waited_since = time.monotonic()
-        self.control.send(MESSAGE.pack(b"F", 0, 0))
-        self.asked += 1
-
-    def overdue(self) -> bool:
-        """Asked for spares and got none for SPAWNER_DEADLINE: stopped or stuck."""
-        return self.asked > 0 and time.monotonic() - self.waited_since > SPAWNER_DEADLINE
-
-    def receive(self) -> tuple[bytes, int, int, socket.socket | None]:
-        """One message: (kind, pid, exit code, the spare's channel for b"S"); kind b"" at EOF."""
-        data, fds, _, _ = socket.recv_fds(self.control, MESSAGE.size, 1)
-        if not data:
-            return b"", 0, 0, None
-        kind, pid, code = MESSAGE.unpack(data)
-        channel = socket.socket(fileno=fds[0]) if fds else None
-        if kind == b"S":
-            self.asked -= 1
-            self.waited_since = time.monotonic()
-        return kind, pid, code, channel
-
-    def close(self) -> None:
-        """EOF on the control socket: the spawner exits (reaped as our child)."""
-        self.control.close()
-
-
-def _child_environment() -> dict[str, str]:
-    """Ours, minus what systemd meant for the main process alone."""
-    private = ("LISTEN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM")
-    return {key: value for key, value in os.environ.items() if not key.startswith(private)}
-
-
 class ForkServer:
     """The parent: an accept loop, a table of children, the shared slots."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
-        self.children: set[int] = set()  # forked here, by the talk's way
-        self.spawned: set[int] = set()  # from the spawner: spares and busy ones
-        self.spares: deque[Spare] = deque()  # ready, oldest first
-        self.unused: set[int] = set()  # spares never handed a connection
+        self.children = Children()
         self.busy: dict[int, Busy] = {}  # every child serving a connection
         self.lobby: dict[int, Waiting] = {}  # silent so far, oldest first (by fd)
         self.ready: deque[Waiting] = deque()  # spoke: the next to get a child
         self.selector = selectors.DefaultSelector()
         self.slots_fd, self.slots = new_slots()
-        self.free_slots = deque(range(1, SLOT_COUNT))  # 0 is the warm-up's scratch
+        self.free_slots = deque(range(1, SLOT_COUNT))  # 0: scratch, for a connection that finds none free
         self.done_bytes = self.done_messages = 0  # of connections that ended
         self.acceptor = Acceptor(self.selector, runtime)
-        self.spawner: SpawnerLink | None = None
+        self.spawner: Spawner | None = None
         self.spawner_failed = False
         self.terminated = False
         self.last_handover = 0.0
         self.next_scan = 0.0
         self.pressure = Pressure()
         self.queued = 0  # connections waiting behind us at the limit, at the last scan
+        self.fitting = 1  # max_children 0: as many as fit, computed in serve()
 
     def room(self) -> bool:
         """Room for one more connection, and (with a spawner) a spare to take it,
         or a spawner so late that the parent forks itself."""
-        if len(self.busy) >= self.rt.settings.max_children:
+        if len(self.busy) >= self.max_children():
             return False
-        if self.spawner is None or self.rt.settings.spare_children == 0 or self.spares:
+        if self.spawner is None or self.rt.settings.spare_children == 0 or self.children.spares:
             return True
-        if self.spawner.overdue():
-            if not self.spawner.late:
-                self.spawner.late = True
+        if self.children.overdue():
+            if not self.children.late:
+                self.children.late = True
                 self.rt.log.warning(
                     "the spawner has not answered for %.1f s: forking after accept until it does", SPAWNER_DEADLINE
                 )
             return True
         return False
 
+    def max_children(self) -> int:
+        """The setting, or when it is 0 (the default) what fits the machine."""
+        return self.rt.settings.max_children or self.fitting
+
     def full(self) -> bool:
-        return len(self.busy) >= self.rt.settings.max_children
+        return len(self.busy) >= self.max_children()
 
     def accept(self, listener: socket.socket) -> None:
         """A bounded batch: to a child while there is room, else to the lobby."""
@@ -300,17 +240,16 @@ class ForkServer:
 
     def hand_over(self, conn: socket.socket, slot: int) -> int:
         """Give ``conn`` to a waiting spare: its pid, or 0 if none could take it."""
-        while self.spares:
-            spare = self.spares.popleft()
+        for pid, channel in self.children.take():
             try:
-                socket.send_fds(spare.channel, [HANDOVER.pack(slot)], [conn.fileno()])
+                socket.send_fds(channel, [HANDOVER.pack(slot)], [conn.fileno()])
             except OSError:  # it died waiting; the spawner will report it
+                self.children.failed(pid)
                 continue
             finally:
-                spare.channel.close()
-            self.unused.discard(spare.pid)
+                channel.close()
             self.last_handover = time.monotonic()
-            return spare.pid
+            return pid
         return 0
 
     def fork(self, conn: socket.socket, slot: int) -> int:
@@ -327,7 +266,7 @@ class ForkServer:
                 code = self.child(conn, slot, parent)
             finally:
                 os._exit(code)
-        self.children.add(pid)
+        self.children.forked.add(pid)
         return pid
 
     # -- the child ----------------------------------------------------------
@@ -344,8 +283,7 @@ class ForkServer:
         self.selector.close()
         for sock in self.rt.listeners:
             sock.close()
-        for spare in self.spares:  # a retired spare must see EOF
-            spare.channel.close()
+        self.children.close_channels()  # a retired spare must see EOF
         others = [busy.sock for busy in self.busy.values()] + [w.sock for w in [*self.lobby.values(), *self.ready]]
         for other in others:  # theirs must end with them, not stay open here
             other.close()
@@ -358,7 +296,7 @@ class ForkServer:
     def start_spawner(self) -> None:
         self.spawner_failed = True  # started once: one that dies is not restarted in a loop
         try:
-            self.spawner = SpawnerLink(self.slots_fd)
+            self.spawner = Spawner(self.slots_fd)
         except OSError as error:
             self.rt.log.error("cannot start the spawner (%s): forking after accept", error.strerror)
             return
@@ -368,11 +306,7 @@ class ForkServer:
         assert self.spawner is not None
         kind, pid, code, channel = self.spawner.receive()
         if kind == b"S" and channel is not None:
-            self.spawned.add(pid)
-            self.unused.add(pid)
-            self.spares.append(Spare(pid, channel))
-            if self.spawner.late:
-                self.spawner.late = False
+            if self.children.add_spare(pid, channel):
                 self.rt.log.info("the spawner answers again")
         elif kind == b"X":
             self.exited(pid, code)
@@ -389,11 +323,7 @@ class ForkServer:
         self.selector.unregister(self.spawner.control)
         self.spawner.close()
         self.spawner = None
-        for spare in self.spares:
-            spare.channel.close()
-        self.spares.clear()
-        self.spawned -= self.unused
-        self.unused.clear()
+        self.children.spawner_lost()
 
     def keep_spares(self) -> None:
         """Ask for spares up to ``spare_children``, within ``max_children``;
@@ -407,18 +337,20 @@ class ForkServer:
             self.start_spawner()
         if self.spawner is None:
             return
-        while len(self.spares) > wanted:
-            self.spares.pop().channel.close()  # EOF: it exits
+        children = self.children
+        children.retire(wanted)
         if self.replenish_in(wanted) > 0:
             return
-        room = settings.max_children + ending - len(self.children) - len(self.spawned) - self.spawner.asked
-        for _ in range(min(wanted - len(self.spares) - self.spawner.asked, room)):
-            self.spawner.ask()
+        room = self.max_children() + ending - len(children) - children.asked
+        count = min(wanted - len(children.spares) - children.asked, room)
+        if count > 0:
+            children.asking(count)
+            self.spawner.ask(count)
 
     def replenish_in(self, wanted: int) -> float:
         """Seconds before missing spares may be asked for: 0 when due, or
         when fewer than half of ``wanted`` are left."""
-        if len(self.spares) * 2 < wanted:
+        if len(self.children.spares) * 2 < wanted:
             return 0.0
         return max(0.0, self.last_handover + REPLENISH_DELAY - time.monotonic())
 
@@ -427,16 +359,12 @@ class ForkServer:
         for pid, code in reaped():
             if self.spawner is not None and pid == self.spawner.pid:
                 self.spawner_lost()
-            elif pid in self.children or pid in self.spawned:  # spawned: adopted from a dead spawner
+            elif pid in self.children:  # or adopted from a dead spawner
                 self.exited(pid, code)
 
     def exited(self, pid: int, code: int) -> None:
         """A child is gone: its final figures from its slot, its debug line."""
-        self.children.discard(pid)
-        self.spawned.discard(pid)
-        if pid in self.unused:  # a spare retired, or died waiting
-            self.unused.discard(pid)
-            self.spares = deque(spare for spare in self.spares if spare.pid != pid)
+        if not self.children.exited(pid):  # a spare retired, or died waiting
             return
         busy = self.busy.pop(pid, None)
         if busy is None:
@@ -521,7 +449,10 @@ class ForkServer:
     # -- the loop ---------------------------------------------------------------
     def serve(self) -> None:
         rt = self.rt
-        raise_fd_limit()  # the parent keeps a copy of every connection
+        fd_limit = raise_fd_limit()  # the parent keeps a copy of every connection
+        self.fitting, bound = fitting(max(rt.settings.spare_children, SPARES_COUNTED), LOBBY, fd_limit)
+        if not rt.settings.max_children:
+            rt.log.info("max-children: %d, as many as fit (%s)", self.fitting, bound)
         rt.signals.watch(signal.SIGCHLD)  # wakes the loop to reap a child
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # a dead spawner's busy children become ours
         self.selector.register(rt.signals, selectors.EVENT_READ, "signals")
@@ -529,17 +460,18 @@ class ForkServer:
         # collector from writing to them, which would copy their pages.
         gc.freeze()
         rt.ready(", ".join(describe(sock) for sock in rt.listeners))
-        while not (rt.stopping and not self.children and not self.spawned):
+        while not (rt.stopping and not self.children):
             self.keep_spares()
             self.admit()
             self.acceptor.update((self.room() and not self.ready) or self.lobby_open())
             timeout = self.acceptor.timeout(rt.timeout())
             timeout = min(timeout, max(0.0, self.next_scan - time.monotonic()))
-            if self.spawner is not None and len(self.spares) + self.spawner.asked < rt.settings.spare_children:
+            spares, asked = len(self.children.spares), self.children.asked
+            if self.spawner is not None and spares + asked < rt.settings.spare_children:
                 timeout = min(timeout, self.replenish_in(rt.settings.spare_children) or timeout)  # wake to ask
-            if self.spawner is not None and self.spawner.asked and not self.spares:  # wake when it is late
+            if self.spawner is not None and asked and not spares:  # wake when it is late
                 timeout = min(
-                    timeout, max(0.0, self.spawner.waited_since + SPAWNER_DEADLINE - time.monotonic()) + 0.001
+                    timeout, max(0.0, self.children.waited_since + SPAWNER_DEADLINE - time.monotonic()) + 0.001
                 )
             for key, _ in self.selector.select(timeout):
                 if key.data == LISTENER:

@@ -30,8 +30,17 @@ A spare is told of this process's death too, but by SIGUSR2, and only
 exits if it is not the parent's (a subreaper) now: a ``kill -9`` of the
 spawner leaves the connections being served alone, and the parent's death
 still takes every one of them (their parent-death signal fires again).
+
+What a child costs: the pages written after its fork, its own and those
+this process writes before the next fork (the child keeps the old copy).
+In CPython every object a call touches has its reference count written,
+so both paths are kept short and made of builtins: the SIGUSR2 handler
+and libc's prctl are set up once here, the spare's path uses the
+channel's socket object for the connection it is handed (no socket object
+of its own, no warm-up), and the echo loop allocates only what it reads.
 """
 
+import _socket
 import gc
 import mmap
 import os
@@ -47,7 +56,7 @@ from collections.abc import Callable, Iterator
 #: same clock in every process), bytes echoed, reads.
 SLOT = struct.Struct("=dQQ")
 SLOT_SIZE = 32
-#: Slots in the shared file; slot 0 is scratch (the warm-up writes there).
+#: Slots in the shared file; slot 0 is scratch (for a connection that found none free).
 #: Only the pages of slots in use take memory.
 SLOT_COUNT = 65536
 #: The parent hands a spare its connection with the slot's number.
@@ -56,6 +65,8 @@ HANDOVER = struct.Struct("=I")
 MESSAGE = struct.Struct("=cii")
 PR_SET_PDEATHSIG = 1
 CHUNK = 65536
+#: Room for the one descriptor a handover carries.
+CMSG_SPACE = socket.CMSG_SPACE(HANDOVER.size)
 
 
 _prctl: list[Callable[..., int]] = []  # libc's
@@ -113,59 +124,48 @@ def reaped() -> Iterator[tuple[int, int]]:
 
 
 def serve_connection(conn: socket.socket, slots: mmap.mmap | None, slot: int) -> int:
-    """Echo one connection until EOF, its figures kept in ``slot``; the exit code.
-
-    The slot is written after each echo, so the parent sees the bytes live
-    and when the connection was last active; a write that takes only part
-    counts as activity too (a slow reader is not an idle one)."""
-    fd = conn.fileno()
-    offset = slot * SLOT_SIZE
-    pack, clock = SLOT.pack_into, time.monotonic
-    total = reads = 0
+    """Echo one connection until EOF, its figures kept in ``slot``; the exit code."""
     try:
-        while data := os.read(fd, CHUNK):
-            total += len(data)
-            reads += 1
-            view = memoryview(data)
-            while view := view[os.write(fd, view) :]:
-                if slots is not None:
-                    pack(slots, offset, clock(), total - len(view), reads)
-            if slots is not None:
-                pack(slots, offset, clock(), total, reads)
+        code = echo(conn.fileno(), slots, slot * SLOT_SIZE)
         conn.shutdown(socket.SHUT_WR)
     except OSError:
         return 1
-    return 0
+    return code
 
 
-def warm_up() -> None:
-    """Echo one byte over a socketpair: a fresh child's first run through the
-    echo path takes copy-on-write faults (refcounts on shared pages): take
-    them while waiting, not on the first client's clock."""
-    ours, theirs = socket.socketpair()
-    with ours:
-        ours.sendall(b"w")
-        ours.shutdown(socket.SHUT_WR)
-        serve_connection(theirs, _slots[0] if _slots else None, 0)
-        theirs.close()
-        ours.recv(1)
+def echo(
+    fd: int,
+    slots: mmap.mmap | None,
+    offset: int,
+    read: Callable[[int, int], bytes] = os.read,
+    write: Callable[[int, bytes], int] = os.write,
+    clock: Callable[[], float] = time.monotonic,
+    pack: Callable[..., None] = SLOT.pack_into,
+) -> int:
+    """Echo ``fd`` until EOF; 0, or 1 on an error. The figures go to the slot
+    at ``offset`` after each echo, so the parent sees the bytes live and when
+    the connection was last active; a write that takes only part counts as
+    activity too (a slow reader is not an idle one).
 
-
-_slots: list[mmap.mmap] = []  # this process's mapping of the slots file
-
-
-def wait_and_serve(channel: socket.socket) -> int:
-    """A spare's life: one connection (and its slot) from the parent, or EOF (retired)."""
-    warm_up()
+    A child's memory is the pages it writes after the fork, and a call
+    writes the reference count of every object it touches: the loop calls
+    only the builtins bound as its defaults and allocates nothing but the
+    data it reads."""
+    total = reads = 0
     try:
-        data, fds, _, _ = socket.recv_fds(channel, HANDOVER.size, 1)
+        while data := read(fd, CHUNK):
+            total += len(data)
+            reads += 1
+            sent = write(fd, data)
+            while sent < len(data):
+                if slots is not None:
+                    pack(slots, offset, clock(), total - len(data) + sent, reads)
+                sent += write(fd, data[sent:])
+            if slots is not None:
+                pack(slots, offset, clock(), total, reads)
     except OSError:
         return 1
-    channel.close()
-    if not fds:
-        return 0
-    (slot,) = HANDOVER.unpack(data) if len(data) == HANDOVER.size else (0,)
-    return serve_connection(socket.socket(fileno=fds[0]), _slots[0] if _slots else None, slot)
+    return 0
 
 
 def orphaned_by(server: int) -> Callable[[int, object], None]:
@@ -179,38 +179,73 @@ def orphaned_by(server: int) -> Callable[[int, object], None]:
     return handler
 
 
+def spare(channel: _socket.socket, slots: mmap.mmap | None, spawner: int) -> int:
+    """A spare's life, in the child just forked: one connection (and its
+    slot) from the parent, or EOF (retired); the exit code.
+
+    Everything it needs was made before the fork (the SIGUSR2 handler, the
+    channel, libc's prctl): what runs here writes as few pages as it can."""
+    if not die_with(spawner, signal.SIGUSR2):
+        return 0
+    try:
+        data, ancillary, _, _ = channel.recvmsg(HANDOVER.size, CMSG_SPACE)
+    except OSError:
+        return 1
+    if not ancillary:
+        return 0
+    # The connection takes the channel's place: the channel's socket object
+    # then serves for the shutdown, and the child makes none of its own.
+    fd = channel.fileno()
+    os.dup2(int.from_bytes(ancillary[0][2][: HANDOVER.size], sys.byteorder), fd)
+    (slot,) = HANDOVER.unpack(data) if len(data) == HANDOVER.size else (0,)
+    code = echo(fd, slots, slot * SLOT_SIZE)
+    try:
+        channel.shutdown(socket.SHUT_WR)
+    except OSError:
+        return 1
+    return code
+
+
 class Spawner:
     """Forks spares on request, reaps them, tells the parent."""
 
     def __init__(self, control: socket.socket, slots_fd: int | None, server: int) -> None:
         self.control = control
-        self.server = server
-        if slots_fd is not None and not _slots:
-            _slots.append(open_slots(slots_fd))
-        self.wakeup_r, self.wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(self.wakeup_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.control_fd = control.fileno()
+        self.pid = os.getpid()
+        self.slots = open_slots(slots_fd) if slots_fd is not None else None
+        # Imported here: run as a file, this module finds the package only
+        # once ``__main__`` has put it on sys.path.
+        from myecho.core.signals import SignalWatcher
+
+        self.signals = SignalWatcher((signal.SIGCHLD,))
+        # Inherited by every spare, so that none has to install it.
+        signal.signal(signal.SIGUSR2, orphaned_by(server))
+        load_prctl()
 
     def fork_spare(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        me = os.getpid()
+        """One spare, and the parent's end of its channel to the parent.
+
+        Every page this process writes between two forks stays with the
+        child forked before, as a copy of its own: this path makes its
+        sockets with ``_socket`` and sends them with ``sendmsg``, without
+        the Python-level wrappers of ``socket``."""
+        ours, theirs = _socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 ours.close()
-                self.control.close()
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                os.close(self.wakeup_r)
-                os.close(self.wakeup_w)
-                signal.signal(signal.SIGUSR2, orphaned_by(self.server))
-                code = wait_and_serve(theirs) if die_with(me, signal.SIGUSR2) else 0
+                os.close(self.control_fd)
+                code = spare(theirs, self.slots, self.pid)
             finally:
                 os._exit(code)
         theirs.close()
-        with ours:
-            socket.send_fds(self.control, [MESSAGE.pack(b"S", pid, 0)], [ours.fileno()])
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, ours.fileno().to_bytes(4, sys.byteorder))]
+        try:
+            self.control.sendmsg([MESSAGE.pack(b"S", pid, 0)], rights)
+        finally:
+            ours.close()
 
     def reap(self) -> None:
         for pid, code in reaped():
@@ -219,15 +254,11 @@ class Spawner:
     def run(self) -> int:
         poller = select.poll()
         poller.register(self.control, select.POLLIN)
-        poller.register(self.wakeup_r, select.POLLIN)
+        poller.register(self.signals, select.POLLIN)
         while True:
             for fd, _ in poller.poll():
-                if fd == self.wakeup_r:
-                    try:
-                        while os.read(self.wakeup_r, 512):
-                            pass
-                    except BlockingIOError:
-                        pass
+                if fd == self.signals.fileno():
+                    self.signals.drain()
                     self.reap()
                     continue
                 request = self.control.recv(MESSAGE.size)
