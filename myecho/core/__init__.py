@@ -15,6 +15,7 @@
     echo        the blocking echo loop of the process-per-connection models
     daemon      the classic daemonize, for life without systemd
     prefork     ``--workers N``: N event loops on one listening socket
+    processes   children that die with their parent, reaped without blocking
 
 Each model's loop calls ``runtime.on_signals()`` when the signal fd is
 readable and ``runtime.tick()`` at least every ``runtime.timeout()``

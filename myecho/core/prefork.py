@@ -29,11 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from myecho.core.processes import die_with, reaped
 from myecho.core.runtime import Runtime, Stats
 from myecho.core.signals import STOP_SIGNALS, SignalWatcher
 from myecho.core.sockets import describe
 from myecho.core.systemd import Notifier
-from myecho.models.spawner import die_with, reaped
 
 #: A worker that has not reported for this long is hung: killed and replaced.
 SILENT_LIMIT = 5.0

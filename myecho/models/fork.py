@@ -56,6 +56,7 @@ from myecho.core.accepting import (
     idle_reason,
     shed_reason,
 )
+from myecho.core.processes import die_with, load_prctl, prctl, reaped
 from myecho.core.runtime import Runtime
 from myecho.core.sockets import Listeners, describe, raise_fd_limit
 from myecho.models.children import SPAWNER_DEADLINE, Children, Spawner, fitting
@@ -64,11 +65,7 @@ from myecho.models.spawner import (
     SLOT,
     SLOT_COUNT,
     SLOT_SIZE,
-    die_with,
-    load_prctl,
     new_slots,
-    prctl,
-    reaped,
     serve_connection,
 )
 

@@ -50,7 +50,14 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+
+if __name__ == "__main__":
+    # Run as a file under ``-I -S``: site-packages is not on sys.path, so
+    # put the directory that holds the myecho package there ourselves.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from myecho.core.processes import die_with, load_prctl, reaped
 
 #: A connection's figures, in its slot: last activity (CLOCK_MONOTONIC, the
 #: same clock in every process), bytes echoed, reads.
@@ -63,39 +70,9 @@ SLOT_COUNT = 65536
 HANDOVER = struct.Struct("=I")
 #: Parent <-> spawner: a kind (b"F", b"S", b"X"), a pid, an exit code (b"X").
 MESSAGE = struct.Struct("=cii")
-PR_SET_PDEATHSIG = 1
 CHUNK = 65536
 #: Room for the one descriptor a handover carries.
 CMSG_SPACE = socket.CMSG_SPACE(HANDOVER.size)
-
-
-_prctl: list[Callable[..., int]] = []  # libc's
-
-
-def load_prctl() -> None:
-    """Load libc's prctl once, in the process that forks: loading it in each
-    child (ctypes, dlopen) would cost that child milliseconds."""
-    if not _prctl:
-        try:
-            import ctypes
-
-            _prctl.append(ctypes.CDLL(None, use_errno=True).prctl)
-        except (ImportError, OSError, AttributeError):  # not glibc/Linux: the parent's SIGTERM must do
-            _prctl.append(lambda *args: 0)
-
-
-def prctl(option: int, value: int) -> None:
-    """libc's prctl(option, value) (a no-op where there is none)."""
-    load_prctl()
-    _prctl[0](option, value, 0, 0, 0)
-
-
-def die_with(parent: int, signum: int = signal.SIGTERM) -> bool:
-    """Have the kernel send ``signum`` when our parent dies; False if
-    ``parent`` (our parent at fork) has already died."""
-    load_prctl()
-    _prctl[0](PR_SET_PDEATHSIG, signum, 0, 0, 0)
-    return os.getppid() == parent
 
 
 def open_slots(fd: int) -> mmap.mmap:
@@ -108,19 +85,6 @@ def new_slots() -> tuple[int, mmap.mmap]:
     fd = os.memfd_create("myecho-slots", os.MFD_CLOEXEC)
     os.ftruncate(fd, SLOT_COUNT * SLOT_SIZE)
     return fd, open_slots(fd)
-
-
-def reaped() -> Iterator[tuple[int, int]]:
-    """Every child that has exited (pid, exit code; -N: killed by signal N),
-    without blocking: none is left a zombie."""
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        yield pid, os.waitstatus_to_exitcode(status)
 
 
 def serve_connection(conn: socket.socket, slots: mmap.mmap | None, slot: int) -> int:
@@ -292,9 +256,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a file under ``-I -S``: site-packages is not on sys.path, so
-    # put the directory that holds the myecho package there ourselves.
-    from os.path import abspath, dirname
-
-    sys.path.insert(0, dirname(dirname(dirname(abspath(__file__)))))
     sys.exit(main(sys.argv[1:]))
