@@ -39,6 +39,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
@@ -210,7 +211,7 @@ class ZmqServer:
             if peer is not None:
                 peer.nbytes += size
                 peer.messages += 1
-                if peer.tcp:
+                if peer.tcp and (peer.pushed - peer.acked + wire > CLIENT_UNREAD or self.unread + wire > TOTAL_UNREAD):
                     why = self.room_for(peer, wire)
                     if why:
                         self.front.dropped(f"a client that does not read; {why}")
@@ -270,22 +271,23 @@ class ZmqServer:
         where = self.front.bind(rt.listeners, rt.settings.listen)
         rt.listeners = []  # the endpoints own them now
         router, monitor, signals = self.router, self.front.monitor, rt.signals.fileno()
-        poller = zmq.Poller()
-        poller.register(router, zmq.POLLIN)
-        poller.register(monitor, zmq.POLLIN)
-        poller.register(signals, zmq.POLLIN)
+        items: list[tuple[Any, int]] = [(router, POLLIN), (monitor, POLLIN), (signals, POLLIN)]
+        poll, echo, monotonic = zmq.zmq_poll, self.echo_pending, time.monotonic
         rt.ready(", ".join(where))
-        resume_in = float("inf")
+        due = 0.0  # the housekeeping's next turn: STATUS, watchdog, the accept pause
         while not rt.stopping:
-            events = dict(poller.poll(int(min(rt.timeout(), resume_in) * 1000)))
-            if router in events:
-                self.echo_pending()
-            if monitor in events:
-                self.on_monitor()
-            if signals in events:
-                rt.on_signals()
-            resume_in = self.front.tick()
-            rt.tick()
+            now = monotonic()
+            if now >= due:
+                rt.tick()
+                due = now + min(rt.timeout(), self.front.tick())
+            for sock, _ in poll(items, int((due - now) * 1000) + 1):
+                if sock is router:
+                    echo()
+                elif sock is monitor:
+                    self.on_monitor()
+                    due = 0.0  # the pause may have begun or ended
+                else:
+                    rt.on_signals()
         self.drain()
 
     def drain(self) -> None:
