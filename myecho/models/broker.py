@@ -39,6 +39,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, OrderedDict, deque
+from typing import Any
 
 import zmq
 
@@ -49,13 +50,14 @@ from myecho.patterns.endpoints import BIND, EndpointError, attach
 from myecho.runtime import Runtime
 from myecho.settings import BROKER_BACKEND_PORT
 from myecho.sockets import ListenError, bind_tcp, format_address
-from myecho.zmqfront import HIGH_WATER, LOG_EVERY, NOBLOCK, NOBLOCK_SNDMORE, SNDMORE, Front, calls
+from myecho.zmqfront import HIGH_WATER, LOG_EVERY, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, SNDMORE, Front, calls
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[zmq.Frame]
 GONE_MEMORY = 1024
 PROBES = (0.005, 0.02, 0.1)  # seconds after a disconnection
 TICK = 0.05  # how often deadlines are looked at while requests are held
+STATUS_EVERY = 0.25  # seconds between two refreshes of the pool's line in STATUS
 OVERHEAD = 256  # bytes counted per request besides its frames: the bookkeeping
 LAST_WORDS = 0.2  # seconds the frontend lingers at least when the broker closes
 HEADER_SIZE = len(mew.REPLY) + mew.ID_SIZE
@@ -152,6 +154,7 @@ class Broker:
         self.last_log: dict[str, float] = {}
         self.next_heartbeat = 0.0
         self.next_tick = 0.0
+        self.next_status = 0.0
         self.probes: list[float] = []  # when to heartbeat again after a disconnection
         self.closing = False
 
@@ -551,65 +554,83 @@ class Broker:
                 detail += f", {self.counts[kind]} {label}"
         self.rt.stats.detail = detail
 
-    def serve(self) -> None:
+    def housekeeping(self, now: float) -> float:
+        """The timers: probes, deadlines, heartbeats, STATUS, accept pauses; when they want us next."""
         rt = self.rt
-        front_where, back_where = self.attach()
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
-        poller.register(self.back.monitor, zmq.POLLIN)
-        poller.register(self.front.monitor, zmq.POLLIN)
-        poller.register(rt.signals.fileno(), zmq.POLLIN)
-        frontend, backend = self.frontend, self.backend
-        rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
-        quiet_since = None
-        next_status = 0.0
-        resume_in = float("inf")
-        while True:
-            now = time.monotonic()
-            wake = min([self.next_heartbeat, *self.probes[:1]])
-            if self.unanswered:
-                wake = min(wake, self.next_tick)
-            wait = min(rt.timeout(), max(0.0, wake - now), resume_in)
-            if rt.stopping:
-                wait = min(wait, DRAIN_IDLE)
-            events = dict(poller.poll(int(wait * 1000)))
-            now = time.monotonic()
-            if backend in events:
-                self.from_workers(now)
-            if frontend in events:
-                self.take_requests(now)
+        resume_in = self.back.tick()
+        if not self.closing:
+            resume_in = min(resume_in, self.front.tick())
+        if self.probes and now >= self.probes[0]:
+            self.probes.pop(0)
+            self.heartbeat()
+        if now >= self.next_tick:
+            self.deadlines(now)
+            self.next_tick = now + TICK
             if self.waiting:
                 self.dispatch(now)
-            if self.back.monitor in events or self.front.monitor in events:
-                self.on_monitors()
-            if rt.signals.fileno() in events:
-                rt.on_signals()
-                # Stopping: the clients keep their connections (an unbind would close them, and the
-                # replies in flight with them); new requests get the error reply, the others their answers.
-                if rt.stopping and not self.closing:
-                    self.front.stop_accepting()  # no new connection: the door closed, not unbound
-                self.closing = rt.stopping
-            resume_in = self.back.tick()
-            if not self.closing:
-                resume_in = min(resume_in, self.front.tick())
-            if self.probes and now >= self.probes[0]:
-                self.probes.pop(0)
-                self.heartbeat()
-            if now >= self.next_tick:
-                self.deadlines(now)
-                self.next_tick = now + TICK
-                if self.waiting:
-                    self.dispatch(now)
-            if now >= self.next_heartbeat:
-                self.heartbeat()
-                self.next_heartbeat = now + self.timing.interval
-            if now >= next_status:
-                self.status()
-                next_status = now + 0.25
-            rt.tick()
+        if now >= self.next_heartbeat:
+            self.heartbeat()
+            self.next_heartbeat = now + self.timing.interval
+        if now >= self.next_status:
+            self.status()
+            self.next_status = now + STATUS_EVERY
+        rt.tick()
+        wake = min(self.next_heartbeat, self.next_status, now + rt.timeout(), now + resume_in)
+        if self.probes:
+            wake = min(wake, self.probes[0])
+        if self.unanswered:
+            wake = min(wake, self.next_tick)
+        return wake
+
+    def serve(self) -> None:
+        """One zmq_poll per wake-up: both sockets read in batches, then what waits dispatched;
+        the timers only when their turn comes."""
+        rt = self.rt
+        front_where, back_where = self.attach()
+        frontend, backend, signals = self.frontend, self.backend, rt.signals.fileno()
+        items: list[tuple[Any, int]] = [
+            (backend, POLLIN),
+            (frontend, POLLIN),
+            (self.back.monitor, POLLIN),
+            (self.front.monitor, POLLIN),
+            (signals, POLLIN),
+        ]
+        poll, monotonic = zmq.zmq_poll, time.monotonic
+        rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
+        quiet_since = None
+        due = 0.0
+        while True:
+            now = monotonic()
+            if now >= due:
+                due = self.housekeeping(now)
+            wait = due - now
             if rt.stopping:
-                if frontend in events or self.unanswered:
+                wait = min(wait, DRAIN_IDLE)
+            heard = False  # from clients
+            for sock, _ in poll(items, int(wait * 1000) + 1):
+                if sock is backend:
+                    self.from_workers(monotonic())
+                elif sock is frontend:
+                    self.take_requests(monotonic())
+                    heard = True
+                elif sock is self.back.monitor or sock is self.front.monitor:
+                    self.on_monitors()
+                    due = 0.0  # probes, or an accept pause begun or ended
+                else:  # the signals
+                    rt.on_signals()
+                    # Stopping: the clients keep their connections (an unbind would close them, and the
+                    # replies in flight with them); new requests get the error reply, the others their answers.
+                    if rt.stopping and not self.closing:
+                        self.front.stop_accepting()  # no new connection: the door closed, not unbound
+                    self.closing = rt.stopping
+                    due = 0.0
+            if self.waiting:
+                self.dispatch(monotonic())
+            if self.unanswered and self.next_tick < due:
+                due = self.next_tick
+            if rt.stopping:
+                now = monotonic()
+                if heard or self.unanswered:
                     quiet_since = None
                 elif quiet_since is None:
                     quiet_since = now
