@@ -25,13 +25,12 @@ import resource
 import socket
 import struct
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from myecho.runtime import Stats
 from myecho.sockets import zmq_endpoint
@@ -45,6 +44,8 @@ LOG_EVERY = 10.0
 NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # plain ints: an IntFlag's | costs a microsecond
 NOBLOCK_SNDMORE = NOBLOCK | SNDMORE
 POLLIN, EVENTS, RCVMORE = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.RCVMORE)
+ACCEPTED, DISCONNECTED = int(zmq.EVENT_ACCEPTED), int(zmq.EVENT_DISCONNECTED)
+_EVENT = struct.Struct("=HI")  # a monitor event's first frame: event (16 bits), value (32 bits)
 
 
 def _drop_all_filter() -> tuple[bytes, ctypes.Array[ctypes.c_char]]:
@@ -187,8 +188,8 @@ class AcceptPause:
         self.last_log = 0.0
         self.reserve = Reserve()
 
-    def event(self, event: Mapping[str, Any]) -> None:
-        kind = event["event"]
+    def event(self, kind: int, value: int) -> None:
+        """One monitor event: its kind (``zmq.EVENT_*``) and value (an fd, or an errno)."""
         if kind == zmq.EVENT_ACCEPTED:
             self.open += 1
             if self.open >= self.limit:
@@ -197,7 +198,7 @@ class AcceptPause:
             self.open = max(0, self.open - 1)
         elif kind == zmq.EVENT_ACCEPT_FAILED:
             self.paused_until = time.monotonic() + ACCEPT_PAUSE
-            self.pause(f"accept: {os.strerror(event['value'])}")
+            self.pause(f"accept: {os.strerror(value)}")
             rejected = sum(endpoint.reject_waiting(self.reserve) for endpoint in self.endpoints)
             if rejected:
                 self.log.warning("out of descriptors: %d waiting connections refused", rejected)
@@ -312,6 +313,7 @@ class Front:
             router.setsockopt(zmq.RCVHWM, receive_high_water)
         router.setsockopt(zmq.BACKLOG, backlog)
         self.monitor = router.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
+        self.monitor_calls = calls(self.monitor)
         self.accepting = AcceptPause([], log, connection_limit(backlog))
         self.last_drop_log = -LOG_EVERY
 
@@ -324,22 +326,29 @@ class Front:
         return [endpoint.bound for endpoint in endpoints]
 
     def events(self) -> list[tuple[int, int]]:
-        """The monitor's events so far, as (event, value), once counted and fed to the accept pause."""
+        """The monitor's events so far, as (event, value), once counted and fed to the accept pause.
+
+        Read and decoded here (two frames: the event and its value packed,
+        then the endpoint), a burst of a thousand new connections being a
+        thousand events: pyzmq's ``recv_monitor_message`` builds two enum
+        members and a dict for each."""
         seen: list[tuple[int, int]] = []
-        stats = self.stats
-        while True:
-            try:
-                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return seen
-            self.accepting.event(event)
-            kind = event["event"]
+        stats, recv, get, unpack = self.stats, self.monitor_calls.recv, self.monitor_calls.get, _EVENT.unpack
+        while get(EVENTS) & POLLIN:
+            head = recv(NOBLOCK)
+            while get(RCVMORE):
+                recv(NOBLOCK)  # the endpoint
+            if len(head) != _EVENT.size:
+                continue
+            kind, value = unpack(head)
+            self.accepting.event(kind, value)
             if stats is not None:
-                if kind == zmq.EVENT_ACCEPTED:
+                if kind == ACCEPTED:
                     stats.connection_opened()
-                elif kind == zmq.EVENT_DISCONNECTED:
+                elif kind == DISCONNECTED:
                     stats.open -= 1
-            seen.append((kind, event["value"]))
+            seen.append((kind, value))
+        return seen
 
     def dropped(self, why: str) -> None:
         """A reply not sent to a client that does not read: counted, logged at most every ten seconds."""

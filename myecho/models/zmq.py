@@ -113,6 +113,7 @@ class ZmqServer:
         self.router = self.front.router
         self.calls = calls(self.router)
         self.peers: dict[bytes, Peer] = {}
+        self.by_fd: dict[int, list[bytes]] = {}  # routing ids seen on each connection
         self.unread = 0  # all peers' unread replies, as last estimated
         self.refreshed = 0.0
         self.opened: dict[int, tuple[float, str]] = {}  # fd: when, who (for the debug line)
@@ -123,11 +124,15 @@ class ZmqServer:
         peer = self.peers.get(identity)
         if peer is not None and peer.fd == fd:
             return peer
+        if peer is not None:  # its old connection's replies are libzmq's to drop now
+            self.unread -= peer.pushed - peer.acked
+            del self.peers[identity]
         if fd < 0:
             return None  # inproc: no descriptor, nothing of ours to bound beyond the HWM
         acked = bytes_acked(fd)
         peer = Peer(fd, acked is not None, base=acked or 0)
         self.peers[identity] = peer
+        self.by_fd.setdefault(fd, []).append(identity)
         if self.rt.log.isEnabledFor(logging.DEBUG):  # the connection is surely open while its message is here
             opened = self.opened.get(fd, (time.monotonic(), ""))[0]  # its ACCEPTED event may still be queued
             self.opened[fd] = (opened, self.peer_of(fd))
@@ -245,10 +250,12 @@ class ZmqServer:
                 self.disconnected(value)
 
     def disconnected(self, fd: int) -> None:
-        gone = [identity for identity, peer in self.peers.items() if peer.fd == fd]
         nbytes = messages = 0
-        for identity in gone:
-            peer = self.peers.pop(identity)
+        for identity in self.by_fd.pop(fd, ()):
+            peer = self.peers.get(identity)
+            if peer is None or peer.fd != fd:
+                continue  # the id came back on another connection meanwhile
+            del self.peers[identity]
             self.unread -= peer.pushed - peer.acked  # libzmq drops its queue with the connection
             nbytes += peer.nbytes
             messages += peer.messages
