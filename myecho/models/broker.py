@@ -50,7 +50,7 @@ from myecho.patterns.endpoints import BIND, EndpointError, attach
 from myecho.runtime import Runtime
 from myecho.settings import BROKER_BACKEND_PORT
 from myecho.sockets import ListenError, bind_tcp, format_address
-from myecho.zmqfront import EVENTS, HIGH_WATER, LOG_EVERY, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, SNDMORE, Front, calls
+from myecho.zmqfront import HIGH_WATER, LOG_EVERY, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, SNDMORE, Front, calls
 
 Context = zmq.Context[zmq.Socket[bytes]]
 Frames = list[zmq.Frame]
@@ -247,18 +247,13 @@ class Broker:
             self.credit(worker, len(held))
 
     def take_requests(self, now: float) -> None:
-        """Read up to BATCH client messages (the whole of each, even one over the limit).
-
-        Called when a poll said one waits; after it, ZMQ_EVENTS says whether
-        another does (reading until ``zmq.Again`` is raised costs more)."""
-        recv, get = self.front_calls.recv, self.front_calls.get
+        """Read up to BATCH client messages (the whole of each, even one over the limit)."""
+        recv = self.front_calls.recv
         deadline = now + self.request_timeout
         limit, client_bytes = self.max_message, self.client_bytes
         held_by_client, pending, unanswered, waiting = self.held_by_client, self.pending, self.unanswered, self.waiting
         ids, at = self.ids, self.ids_at
-        for count in range(BATCH):
-            if count and not get(EVENTS) & POLLIN:  # the poll promised the first one
-                break
+        for _ in range(BATCH):
             try:
                 client = recv(NOBLOCK)
             except zmq.Again:
@@ -375,11 +370,9 @@ class Broker:
 
     # -- workers --------------------------------------------------------------
     def from_workers(self, now: float) -> None:
-        recv, get = self.back_calls.recv, self.back_calls.get
+        recv = self.back_calls.recv
         workers = self.workers
-        for count in range(BATCH):
-            if count and not get(EVENTS) & POLLIN:  # the poll promised the first one
-                return
+        for _ in range(BATCH):
             try:
                 worker_id = recv(NOBLOCK)
             except zmq.Again:
