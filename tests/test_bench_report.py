@@ -56,7 +56,9 @@ def model(name: str, label: str, scale: float, complete: bool = True, ramp_ok: b
         )
     for clients in (1, 32, 256):
         result.throughput.append(
-            ThroughputResult(clients, 50000 / scale, 20e-6, 80e-6, 150000, {}, 13e-6 * scale, 12e-6, [50000 / scale])
+            ThroughputResult(
+                clients, 50000 / scale, 20e-6, 80e-6, 150000, {}, 13e-6 * scale, 12e-6, [50000 / scale], 7e-6 * scale
+            )
         )
     result.ramp = RampResult(
         maximum=20000 if ramp_ok else 49,
@@ -181,6 +183,9 @@ def test_the_beyond_the_talk_tables() -> None:
     assert "32 clients: round trips (p50 / p99)" in text
     assert "server CPU / echo (32 clients)" in text
     assert "50.0k/s (20 µs / 80 µs)" in text
+    assert "main process's own" in text  # the broker alone, beside its tree with the workers
+    cost = text.split("main process's own")[1].splitlines()
+    assert any("13 µs" in line and "7 µs" in line for line in cost), cost
 
 
 def test_markdown_output() -> None:
@@ -195,6 +200,7 @@ def test_json_validates_against_the_schema() -> None:
     assert document["schema"] == "myecho-bench/1"
     assert [m["name"] for m in document["models"]] == ["c", "inetd-xinetd-cps50", "select", "uvloop"]
     assert document["models"][0]["single"]["exchange1"]["median"] == pytest.approx(200e-6)
+    assert document["models"][0]["throughput"][1]["main_cpu_per_echo_s"] == pytest.approx(7e-6)
 
 
 def test_the_schema_catches_a_broken_document() -> None:

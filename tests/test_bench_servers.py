@@ -80,6 +80,29 @@ def test_cpu_of_exited_children_is_counted() -> None:
         proc.wait()
 
 
+def test_main_cpu_leaves_the_workers_out() -> None:
+    """The broker case: a parent that idles beside a child that burns CPU
+    (running, then reaped) costs little of its own; the tree costs the child's."""
+    import subprocess
+    import sys
+
+    burn = "import os, time\nif os.fork() == 0:\n    while time.process_time() < 0.3:\n        pass\n    os._exit(0)\n"
+    burn += "os.wait()\nprint(flush=True)\ntime.sleep(30)\n"
+    proc = subprocess.Popen([sys.executable, "-c", burn], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        own = procs.own_cpu_seconds(proc.pid)
+        tree = procs.cpu_seconds(procs.tree(proc.pid))
+        assert own is not None
+        assert tree - own >= 0.25  # the child's CPU, in the tree only
+        assert own < 0.15
+    finally:
+        proc.kill()
+        proc.wait()
+    assert procs.own_cpu_seconds(proc.pid) is None  # gone
+
+
 def test_listener_owner_finds_this_process() -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         assert procs.listener_owner(listener.getsockname()[1]) == os.getpid()

@@ -303,18 +303,35 @@ def test_the_worker_reads_the_brokers_address_from_the_config_file(tmp_path: Pat
 def test_inproc_everything_in_one_process() -> None:
     """The broker in the main thread, workers and a client in threads, all inproc."""
     code = textwrap.dedent("""
-        import json, os, signal, threading, zmq
+        import json, logging, os, signal, socket, threading, time, zmq
         from myecho.models.broker import Broker
         from myecho.models.worker import EchoWorker
-        from myecho.models.mew import Timing
-        from myecho.core.runtime import Runtime
+        from myecho.core.runtime import Runtime, Stats
         from myecho.core.settings import Settings
+
+        class ThreadRuntime:  # what a worker uses of a Runtime, for one in a thread (signals are the main thread's)
+            def __init__(self, settings):
+                self.settings, self.log, self.stats = settings, logging.getLogger("myecho"), Stats()
+                self.signals, self.waker = socket.socketpair()
+                self.stopping, self.stop_deadline = False, float("inf")
+            def stop(self):
+                self.waker.send(b"T")
+            def on_signals(self):
+                self.stopping, self.stop_deadline = True, time.monotonic() + 1.0
+            def ready(self, where):
+                pass
+            def timeout(self):
+                return 1.0
+            def tick(self):
+                pass
+
         ctx = zmq.Context.instance()
         settings = Settings(model="broker", broker_frontend=["inproc://front"], broker_backend=["inproc://back"])
         runtime = Runtime(settings, [])
         broker = Broker(runtime, ctx)
-        stop = threading.Event()
-        workers = [EchoWorker("inproc://back", Timing(0.2, 3), ctx, stop=stop) for _ in range(2)]
+        runtimes = [ThreadRuntime(Settings(model="worker", worker_connect="inproc://back", heartbeat=0.2))
+                    for _ in range(2)]
+        workers = [EchoWorker(rt, ctx) for rt in runtimes]
         threads = [threading.Thread(target=w.serve) for w in workers]
         def client():
             req = ctx.socket(zmq.REQ)
@@ -329,7 +346,8 @@ def test_inproc_everything_in_one_process() -> None:
         for thread in threads:
             thread.start()
         broker.serve()
-        stop.set()
+        for rt in runtimes:
+            rt.stop()
         for thread in threads:
             thread.join()
         runtime.finish()

@@ -238,3 +238,52 @@ def test_ten_thousand_req_clients(serve: ServeFactory) -> None:
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0]
     assert [out.strip() for out in outputs] == [b"0", b"0"]
+
+
+def test_the_hot_loop_uses_pyzmqs_cython_calls() -> None:
+    """With the pyzmq installed, the loops get the Cython layer's send (not the Python wrapper)."""
+    import zmq
+
+    from myecho.core import zmqfront
+
+    assert zmqfront.CYTHON_SOCKET is not None
+    with zmq.Context() as ctx, ctx.socket(zmq.ROUTER) as router:
+        own = zmqfront.calls(router)
+        assert own.send != router.send  # the wrapper is zmq.Socket.send
+        assert zmqfront.calls(router, None).send == router.send
+
+
+def test_fallback_when_pyzmq_is_laid_out_otherwise() -> None:
+    """Should pyzmq's Cython socket class move, the loops use the public methods
+    and stay byte-exact: multipart, empty and large frames, many in flight."""
+    code = textwrap.dedent("""
+        import os, signal, threading, zmq, zmq.backend
+        zmq.backend.Socket = type("Moved", (), {})  # a pyzmq where our guess no longer holds
+        from myecho.core import zmqfront
+        from myecho.models.zmq import ZmqServer
+        from myecho.core.runtime import Runtime
+        from myecho.core.settings import Settings
+        assert zmqfront.CYTHON_SOCKET is None
+        ctx = zmq.Context.instance()
+        runtime = Runtime(Settings(model="zmq", listen=["tcp://127.0.0.1:0"]), [])
+        server = ZmqServer(runtime, ctx)
+        assert server.calls.send == server.router.send
+        messages = [[b"%d" % n, bytes(range(256)) * n, b"", b"\\xff" * (n * 1000)] for n in range(200)]
+        def client():
+            import time
+            while not server.router.getsockopt(zmq.LAST_ENDPOINT):
+                time.sleep(0.01)
+            dealer = ctx.socket(zmq.DEALER)
+            dealer.connect(server.router.getsockopt_string(zmq.LAST_ENDPOINT))
+            for frames in messages:  # all in flight at once: several per wake-up
+                dealer.send_multipart(frames)
+            echoed = [dealer.recv_multipart() for _ in messages]
+            print(echoed == messages, runtime.stats.messages)
+            dealer.close()
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=client).start()
+        server.serve()
+        runtime.finish()
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert result.stdout.split() == [b"True", b"200"], result.stderr.decode()

@@ -133,7 +133,7 @@ def test_debug_logs_one_line_per_connection(serve: ServeFactory) -> None:
 def test_a_closed_door_keeps_new_connections_waiting_not_refused() -> None:
     """The pause: a filter on the listening socket drops SYNs (the client
     retries, as with a full backlog); lifted, the same connect completes."""
-    from myecho.models.zmq import Endpoint
+    from myecho.core.zmqfront import Endpoint
 
     listener = socket.create_server(("127.0.0.1", 0))
     endpoint = Endpoint("tcp://unused", listener)

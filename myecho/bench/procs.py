@@ -73,6 +73,12 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLOCK_TICKS
 
 
+def own_cpu_seconds(pid: int) -> float | None:
+    """utime+stime of one process alone, none of its children's (running or reaped)."""
+    fields = _stat_fields(pid)
+    return None if fields is None else sum(int(value) for value in fields[11:13]) / CLOCK_TICKS
+
+
 @dataclass(frozen=True)
 class Memory:
     """Memory of a process tree: RSS counts shared pages in every process

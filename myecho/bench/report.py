@@ -217,6 +217,7 @@ class Report:
         headers = [
             "Model",
             f"server CPU / echo ({clients} clients)",
+            "main process's own",
             f"server CPU / connection ({big})",
             f"memory, {big} open (RSS sum)",
             "(PSS sum)",
@@ -233,11 +234,16 @@ class Report:
                 found = r.throughput_for(clients)
                 return found.server_cpu_per_echo_s if found else None
 
+            def pick_main(r: ModelResult) -> float | None:
+                found = r.throughput_for(clients)
+                return found.main_cpu_per_echo_s if found else None
+
             memory = m.memory if m else None
             rows.append(
                 [
                     result.label,
                     self._timed(cpu, pick),
+                    self._timed(t.main_cpu_per_echo_s if t else None, pick_main),
                     fmt_time(m.server_cpu_per_connection_s if m else None),
                     fmt_bytes(memory.rss_bytes if memory else None),
                     fmt_bytes(memory.pss_bytes if memory else None),

@@ -110,6 +110,8 @@ class ThroughputResult:
     server_cpu_per_echo_s: float | None
     client_cpu_per_echo_s: float | None
     runs: list[float]
+    #: The main process's own share of server_cpu_per_echo_s (the broker's, without its workers).
+    main_cpu_per_echo_s: float | None = None
 
 
 @dataclass
@@ -276,8 +278,9 @@ def guard(
 # ---- running the scenarios -----------------------------------------------
 
 
-def _note_cpu(notes: list[float | None], server: Server) -> None:
-    notes.append(server.cpu())
+def _note_cpus(notes: list[tuple[float | None, float | None]], server: Server) -> None:
+    """The whole tree's CPU and its main process's, at the start of a measure."""
+    notes.append((server.cpu(), server.main_cpu()))
 
 
 class Sample:
@@ -429,26 +432,29 @@ class Runner:
         for clients in s.clients:
             outs: list[dict[str, Any]] = []
             server_cpu: list[float] = []
+            main_cpu: list[float] = []
             for run in range(s.repeats):
                 who = f"{clients} client{'s' if clients > 1 else ''}"
                 self.progress(f"{model.name}: round trips, {who}, run {run + 1}/{s.repeats}")
-                window: list[float | None] = []
+                window: list[tuple[float | None, float | None]] = []
                 out = loadgen.round_trips(
                     self.client(model),
                     server.host,
                     server.port,
                     s.duration + s.warmup + 3 * s.timeout + 30,
-                    functools.partial(_note_cpu, window, server),
+                    functools.partial(_note_cpus, window, server),
                     conns=clients,
                     duration=s.duration,
                     warmup=s.warmup,
                     **self.load_options(),
                 )
-                after = server.cpu()
+                after, main_after = server.cpu(), server.main_cpu()
                 outs.append(out)
-                before = window[0] if window else None
+                before, main_before = window[0] if window else (None, None)
                 if before is not None and after is not None and out["round_trips"]:
                     server_cpu.append((after - before) / out["round_trips"])
+                if main_before is not None and main_after is not None and out["round_trips"]:
+                    main_cpu.append((main_after - main_before) / out["round_trips"])
             good = [o for o in outs if o["round_trips"] and o["elapsed_ns"]]
             result.throughput.append(
                 ThroughputResult(
@@ -463,6 +469,7 @@ class Runner:
                     server_cpu_per_echo_s=median(server_cpu) if server_cpu else None,
                     client_cpu_per_echo_s=median([o["cpu_s"] / o["round_trips"] for o in good]) if good else None,
                     runs=[o["round_trips"] / (o["elapsed_ns"] / NS) for o in good],
+                    main_cpu_per_echo_s=median(main_cpu) if main_cpu else None,
                 )
             )
 

@@ -388,6 +388,10 @@ class Server:
     def cpu(self) -> float | None:
         return procs.cpu_seconds(self.pids()) if self.root is not None else None
 
+    def main_cpu(self) -> float | None:
+        """The CPU of the server's main process alone: the broker without its workers."""
+        return procs.own_cpu_seconds(self.root) if self.root is not None else None
+
     def memory(self) -> procs.Memory | None:
         return procs.memory(self.pids()) if self.root is not None else None
 

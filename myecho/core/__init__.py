@@ -16,6 +16,8 @@
     daemon      the classic daemonize, for life without systemd
     prefork     ``--workers N``: N event loops on one listening socket
     processes   children that die with their parent, reaped without blocking
+    zmqfront    the ROUTER clients connect to (zmq model, broker): options,
+                endpoints, connection count, the pause at the fd limit
 
 Each model's loop calls ``runtime.on_signals()`` when the signal fd is
 readable and ``runtime.tick()`` at least every ``runtime.timeout()``

@@ -2,7 +2,8 @@
 
     inetd       one connection on stdin/stdout, started per connection
     fork        a parent that accepts, a child per connection, forked ahead
-                by ``spawner`` (a small process of its own)
+                by ``spawner`` (a small process of its own); ``children``
+                keeps the children and the spare pool
     select      one process, one epoll loop
     aio         the same on asyncio (uvloop when installed)
     zmq         the talk's REQ/REP echo on a ROUTER socket

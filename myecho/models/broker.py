@@ -30,28 +30,27 @@ loses what it holds, as the zmq model's death does.
 
 At the file-descriptor limit neither socket spins: both listen on sockets
 of ours (systemd's, else host:port and host:11145) and pause accepting as
-the zmq model does (``AcceptPause``); endpoints given as URLs are libzmq's.
+the zmq model's does: both are ``myecho.core.zmqfront.Front``, as the zmq
+model's ROUTER is; endpoints given as URLs are libzmq's.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from myecho.core import curve
 from myecho.core.endpoints import BIND, EndpointError, attach
 from myecho.core.runtime import Runtime
 from myecho.core.settings import BROKER_BACKEND_PORT
 from myecho.core.sockets import ListenError, Listeners, bind_tcp, format_address
+from myecho.core.zmqfront import HIGH_WATER, LOG_EVERY, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, SNDMORE, Front, calls
 from myecho.models import mew
-from myecho.models.zmq import BATCH, DRAIN_IDLE, HIGH_WATER, AcceptPause, bind_endpoints, connection_limit
+from myecho.models.zmq import BATCH, DRAIN_IDLE
 
 #: systemd's sockets by role; the endpoints of the settings libzmq binds itself.
 LISTENERS = Listeners(bind=False, roles=("frontend", "backend"))
@@ -62,11 +61,9 @@ Frames = list[zmq.Frame]
 GONE_MEMORY = 1024
 PROBES = (0.005, 0.02, 0.1)  # seconds after a disconnection
 TICK = 0.05  # how often deadlines are looked at while requests are held
+STATUS_EVERY = 0.25  # seconds between two refreshes of the pool's line in STATUS
 OVERHEAD = 256  # bytes counted per request besides its frames: the bookkeeping
-LOG_EVERY = 10.0
 LAST_WORDS = 0.2  # seconds the frontend lingers at least when the broker closes
-NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # plain ints: an IntFlag's | costs a microsecond
-NOBLOCK_SNDMORE = NOBLOCK | SNDMORE
 HEADER_SIZE = len(mew.REPLY) + mew.ID_SIZE
 
 
@@ -94,17 +91,6 @@ class Worker:
         self.heard = now
         self.held: dict[bytes, tuple[Request, float]] = {}  # by request ID, in the order sent: (request, sent at)
         self.leaving = False
-
-
-def raw_send(sock: zmq.Socket[bytes]) -> Callable[..., Any]:
-    """The socket's send without pyzmq's Python wrapper (Cython's own, a third cheaper
-    per frame); the wrapper itself if this pyzmq is laid out otherwise."""
-    base = getattr(zmq.backend, "Socket", None)
-    method = getattr(base, "send", None)
-    if base is not None and method is not None and isinstance(sock, base) and hasattr(method, "__get__"):
-        bound: Callable[..., Any] = method.__get__(sock)
-        return bound
-    return sock.send
 
 
 def name(worker_id: bytes) -> str:
@@ -137,22 +123,27 @@ class Broker:
         self.client_bytes = settings.client_bytes
         self.broker_bytes = settings.broker_bytes
         self.context = context or zmq.Context.instance()
-        self.frontend = self.context.socket(zmq.ROUTER)
-        self.frontend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.frontend.setsockopt(zmq.MAXMSGSIZE, self.max_message)  # per frame: libzmq's part of the bound
-        self.frontend.setsockopt(zmq.SNDHWM, HIGH_WATER)
-        self.frontend.setsockopt(zmq.RCVHWM, HIGH_WATER)
-        self.frontend.setsockopt(zmq.BACKLOG, settings.backlog)
-        self.backend = self.context.socket(zmq.ROUTER)
-        curve.secure_backend(self.backend, runtime)
-        # No ROUTER_HANDOVER: a second connection with a worker's identity is refused by libzmq.
-        self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.backend.setsockopt(zmq.MAXMSGSIZE, self.max_message + mew.ENVELOPE)
-        self.front_monitor = self.frontend.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
-        self.accepting: AcceptPause | None = None  # the frontend's, once bound
-        self.back_monitor = self.backend.get_monitor_socket(AcceptPause.MONITOR_EVENTS)
-        self.back_accepting: AcceptPause | None = None  # the backend's: anyone may connect before CURVE says no
-        self.send_frontend, self.send_backend = raw_send(self.frontend), raw_send(self.backend)
+        self.front = Front(
+            self.context,
+            runtime.log,
+            runtime.stats,
+            max_frame=self.max_message,  # per frame: libzmq's part of the bound
+            backlog=settings.backlog,
+            receive_high_water=HIGH_WATER,
+        )
+        # The backend's connections are not clients: not counted; anyone may connect before CURVE says no.
+        self.back = Front(
+            self.context,
+            runtime.log,
+            None,
+            max_frame=self.max_message + mew.ENVELOPE,
+            backlog=settings.backlog,
+            send_high_water=None,
+            secure=lambda sock: curve.secure_backend(sock, runtime),
+        )
+        self.frontend, self.backend = self.front.router, self.back.router
+        self.front_calls, self.back_calls = calls(self.frontend), calls(self.backend)
+        self.send_frontend, self.send_backend = self.front_calls.send, self.back_calls.send
         self.workers: dict[bytes, Worker] = {}
         # Workers with credit left, by how many requests they hold; least recently used first.
         self.levels: list[OrderedDict[bytes, Worker]] = [OrderedDict()]
@@ -167,6 +158,7 @@ class Broker:
         self.last_log: dict[str, float] = {}
         self.next_heartbeat = 0.0
         self.next_tick = 0.0
+        self.next_status = 0.0
         self.probes: list[float] = []  # when to heartbeat again after a disconnection
         self.closing = False
 
@@ -260,7 +252,7 @@ class Broker:
 
     def take_requests(self, now: float) -> None:
         """Read up to BATCH client messages (the whole of each, even one over the limit)."""
-        recv = self.frontend.recv
+        recv = self.front_calls.recv
         deadline = now + self.request_timeout
         limit, client_bytes = self.max_message, self.client_bytes
         held_by_client, pending, unanswered, waiting = self.held_by_client, self.pending, self.unanswered, self.waiting
@@ -366,10 +358,7 @@ class Broker:
             try:
                 send(client, NOBLOCK_SNDMORE)
             except zmq.Again:
-                self.warn(
-                    "unread", "reply dropped: a client that does not read; its replies reached the high-water mark"
-                )
-                self.rt.stats.dropped += 1
+                self.front.dropped("a client that does not read; its replies reached the high-water mark")
                 continue
             except zmq.ZMQError as error:
                 if error.errno != zmq.EHOSTUNREACH:  # the client left before its answer
@@ -385,7 +374,7 @@ class Broker:
 
     # -- workers --------------------------------------------------------------
     def from_workers(self, now: float) -> None:
-        recv = self.backend.recv
+        recv = self.back_calls.recv
         workers = self.workers
         for _ in range(BATCH):
             try:
@@ -519,30 +508,13 @@ class Broker:
                 self.fail(request, b"timeout", f"not answered within {self.request_timeout:g} s")
 
     def on_monitors(self) -> None:
-        lost = False
-        while True:
-            try:
-                event = recv_monitor_message(self.back_monitor, NOBLOCK)
-            except zmq.Again:
-                break
-            if self.back_accepting is not None:
-                self.back_accepting.event(event)
-            lost = lost or event["event"] == zmq.EVENT_DISCONNECTED
-        if lost:  # libzmq drops the pipe a few hops after the event: look now, then again
+        """Connections come and go (the fronts count clients and pause accepting); a worker's gone: look."""
+        if any(kind == zmq.EVENT_DISCONNECTED for kind, _ in self.back.events()):
+            # libzmq drops the pipe a few hops after the event: look now, then again
             now = time.monotonic()
             self.probes = [now + delay for delay in PROBES]
             self.heartbeat()
-        while True:
-            try:
-                event = recv_monitor_message(self.front_monitor, NOBLOCK)
-            except zmq.Again:
-                return
-            if self.accepting is not None:
-                self.accepting.event(event)
-            if event["event"] == zmq.EVENT_ACCEPTED:
-                self.rt.stats.connection_opened()
-            elif event["event"] == zmq.EVENT_DISCONNECTED:
-                self.rt.stats.open -= 1
+        self.front.events()
 
     # -- the loop -------------------------------------------------------------
     def attach(self) -> tuple[list[str], list[str]]:
@@ -561,20 +533,10 @@ class Broker:
                 back, backend = [bind_tcp(settings.host, BROKER_BACKEND_PORT, settings.backlog)], []
         except ListenError as error:
             raise EndpointError(str(error)) from None
-        limit = connection_limit(settings.backlog)
-        where = []
-        for sock, listeners, urls in ((self.frontend, front, frontend), (self.backend, back, backend)):
-            if any(listener.family == socket.AF_INET6 for listener in listeners):
-                sock.setsockopt(zmq.IPV6, 1)
-            endpoints = bind_endpoints(sock, listeners, [])
-            pause = AcceptPause(endpoints, rt.log, limit)
-            if sock is self.frontend:
-                self.accepting = pause
-            else:
-                self.back_accepting = pause
-            where.append([endpoint.bound for endpoint in endpoints] + attach(sock, urls, BIND))
+        front_where = self.front.bind(front, []) + attach(self.frontend, frontend, BIND)
+        back_where = self.back.bind(back, []) + attach(self.backend, backend, BIND)
         rt.listeners = []
-        return where[0], where[1]
+        return front_where, back_where
 
     def status(self) -> None:
         count = len(self.workers)
@@ -596,67 +558,83 @@ class Broker:
                 detail += f", {self.counts[kind]} {label}"
         self.rt.stats.detail = detail
 
-    def serve(self) -> None:
+    def housekeeping(self, now: float) -> float:
+        """The timers: probes, deadlines, heartbeats, STATUS, accept pauses; when they want us next."""
         rt = self.rt
-        front_where, back_where = self.attach()
-        poller = zmq.Poller()
-        poller.register(self.frontend, zmq.POLLIN)
-        poller.register(self.backend, zmq.POLLIN)
-        poller.register(self.back_monitor, zmq.POLLIN)
-        poller.register(self.front_monitor, zmq.POLLIN)
-        poller.register(rt.signals.fileno(), zmq.POLLIN)
-        frontend, backend = self.frontend, self.backend
-        rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
-        accepting, back_accepting = self.accepting, self.back_accepting
-        assert accepting is not None and back_accepting is not None
-        quiet_since = None
-        next_status = 0.0
-        resume_in = float("inf")
-        while True:
-            now = time.monotonic()
-            wake = min([self.next_heartbeat, *self.probes[:1]])
-            if self.unanswered:
-                wake = min(wake, self.next_tick)
-            wait = min(rt.timeout(), max(0.0, wake - now), resume_in)
-            if rt.stopping:
-                wait = min(wait, DRAIN_IDLE)
-            events = dict(poller.poll(int(wait * 1000)))
-            now = time.monotonic()
-            if backend in events:
-                self.from_workers(now)
-            if frontend in events:
-                self.take_requests(now)
+        resume_in = self.back.tick()
+        if not self.closing:
+            resume_in = min(resume_in, self.front.tick())
+        if self.probes and now >= self.probes[0]:
+            self.probes.pop(0)
+            self.heartbeat()
+        if now >= self.next_tick:
+            self.deadlines(now)
+            self.next_tick = now + TICK
             if self.waiting:
                 self.dispatch(now)
-            if self.back_monitor in events or self.front_monitor in events:
-                self.on_monitors()
-            if rt.signals.fileno() in events:
-                rt.on_signals()
-                # Stopping: the clients keep their connections (an unbind would close them, and the
-                # replies in flight with them); new requests get the error reply, the others their answers.
-                if rt.stopping and not self.closing:
-                    accepting.close(frontend)  # no new connection: the door closed, not unbound
-                self.closing = rt.stopping
-            resume_in = back_accepting.tick()
-            if not self.closing:
-                resume_in = min(resume_in, accepting.tick())
-            if self.probes and now >= self.probes[0]:
-                self.probes.pop(0)
-                self.heartbeat()
-            if now >= self.next_tick:
-                self.deadlines(now)
-                self.next_tick = now + TICK
-                if self.waiting:
-                    self.dispatch(now)
-            if now >= self.next_heartbeat:
-                self.heartbeat()
-                self.next_heartbeat = now + self.timing.interval
-            if now >= next_status:
-                self.status()
-                next_status = now + 0.25
-            rt.tick()
+        if now >= self.next_heartbeat:
+            self.heartbeat()
+            self.next_heartbeat = now + self.timing.interval
+        if now >= self.next_status:
+            self.status()
+            self.next_status = now + STATUS_EVERY
+        rt.tick()
+        wake = min(self.next_heartbeat, self.next_status, now + rt.timeout(), now + resume_in)
+        if self.probes:
+            wake = min(wake, self.probes[0])
+        if self.unanswered:
+            wake = min(wake, self.next_tick)
+        return wake
+
+    def serve(self) -> None:
+        """One zmq_poll per wake-up: both sockets read in batches, then what waits dispatched;
+        the timers only when their turn comes."""
+        rt = self.rt
+        front_where, back_where = self.attach()
+        frontend, backend, signals = self.frontend, self.backend, rt.signals.fileno()
+        items: list[tuple[Any, int]] = [
+            (backend, POLLIN),
+            (frontend, POLLIN),
+            (self.back.monitor, POLLIN),
+            (self.front.monitor, POLLIN),
+            (signals, POLLIN),
+        ]
+        poll, monotonic = zmq.zmq_poll, time.monotonic
+        rt.ready(f"clients on {', '.join(front_where)}, workers on {', '.join(back_where)}")
+        quiet_since = None
+        due = 0.0
+        while True:
+            now = monotonic()
+            if now >= due:
+                due = self.housekeeping(now)
+            wait = due - now
             if rt.stopping:
-                if frontend in events or self.unanswered:
+                wait = min(wait, DRAIN_IDLE)
+            heard = False  # from clients
+            for sock, _ in poll(items, int(wait * 1000) + 1):
+                if sock is backend:
+                    self.from_workers(monotonic())
+                elif sock is frontend:
+                    self.take_requests(monotonic())
+                    heard = True
+                elif sock is self.back.monitor or sock is self.front.monitor:
+                    self.on_monitors()
+                    due = 0.0  # probes, or an accept pause begun or ended
+                else:  # the signals
+                    rt.on_signals()
+                    # Stopping: the clients keep their connections (an unbind would close them, and the
+                    # replies in flight with them); new requests get the error reply, the others their answers.
+                    if rt.stopping and not self.closing:
+                        self.front.stop_accepting()  # no new connection: the door closed, not unbound
+                    self.closing = rt.stopping
+                    due = 0.0
+            if self.waiting:
+                self.dispatch(monotonic())
+            if self.unanswered and self.next_tick < due:
+                due = self.next_tick
+            if rt.stopping:
+                now = monotonic()
+                if heard or self.unanswered:
                     quiet_since = None
                 elif quiet_since is None:
                     quiet_since = now
@@ -674,16 +652,9 @@ class Broker:
 
     def close(self) -> None:
         linger = max(0.0, self.rt.stop_deadline - time.monotonic())
-        for sock in (self.frontend, self.backend):
-            sock.disable_monitor()
-        self.front_monitor.close(linger=0)
-        self.back_monitor.close(linger=0)
-        self.backend.close(linger=0)
+        self.back.close(0.0)
         # At least a moment for the last replies (the error replies of give_up_all), at most a second.
-        self.frontend.close(linger=int(min(max(linger, LAST_WORDS), 1.0) * 1000))
-        for pause in (self.accepting, self.back_accepting):
-            if pause is not None:
-                pause.finish()
+        self.front.close(min(max(linger, LAST_WORDS), 1.0))
 
 
 def serve(runtime: Runtime) -> None:

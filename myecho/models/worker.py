@@ -22,7 +22,6 @@ import itertools
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,12 +30,12 @@ import zmq
 
 from myecho.core import curve
 from myecho.core.endpoints import BIND, CONNECT, attach, split
-from myecho.core.runtime import Runtime, Stats
+from myecho.core.runtime import Runtime
 from myecho.core.settings import BROKER_BACKEND_PORT
 from myecho.core.sockets import Listeners
+from myecho.core.zmqfront import EVENTS, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, SNDMORE, calls
 from myecho.models import mew
-from myecho.models.broker import NOBLOCK_SNDMORE, SNDMORE, raw_send
-from myecho.models.zmq import BATCH, DRAIN_IDLE, MAX_MESSAGE
+from myecho.models.zmq import BATCH, DRAIN_IDLE
 
 #: None: it connects to the broker (libzmq binds an @URL itself).
 LISTENERS = Listeners(systemd=False, bind=False)
@@ -48,43 +47,33 @@ _sockets = itertools.count()
 
 
 class EchoWorker:
-    """One worker. Runs under a Runtime (``myecho serve worker``), or in a
-    thread of a test with a ``threading.Event`` to stop it."""
+    """One worker, driven by its Runtime: settings, signals, stop, STATUS.
 
-    def __init__(
-        self,
-        endpoint: str,
-        timing: mew.Timing,
-        context: Context | None = None,
-        runtime: Runtime | None = None,
-        stop: threading.Event | None = None,
-        window: int = 32,
-        max_message: int = MAX_MESSAGE,
-    ) -> None:
-        self.action, self.url = split(endpoint, CONNECT)
-        self.timing = timing
-        self.window = window
-        self.max_message = max_message
-        self.hello = str(window).encode()
+    What it uses of the Runtime is ``settings``, ``log``, ``stats``,
+    ``signals``, ``on_signals``, ``ready``, ``timeout``, ``tick``,
+    ``stopping`` and ``stop_deadline``; a worker in a thread (signals
+    belong to the main thread) is driven by an object with those."""
+
+    def __init__(self, runtime: Runtime, context: Context | None = None) -> None:
+        settings = runtime.settings
+        self.action, self.url = split(settings.worker_connect or DEFAULT_CONNECT, CONNECT)
+        self.timing = mew.Timing(settings.heartbeat, settings.liveness)
+        self.window = settings.window
+        self.max_message = settings.max_message
+        self.hello = str(self.window).encode()
         self.context = context or zmq.Context.instance()
         self.rt = runtime
-        self.stop = stop
-        self.log = runtime.log if runtime is not None else logging.getLogger("myecho")
-        self.stats = runtime.stats if runtime is not None else Stats()
+        self.log = runtime.log
+        self.stats = runtime.stats
         self.sock: zmq.Socket[bytes] | None = None
-        self.recv: Callable[..., Any] = self.say  # the socket's recv and send (raw_send), bound in open()
+        # The socket's recv, send and get (zmqfront.calls), bound in open().
+        self.recv: Callable[..., Any] = self.say
         self.send: Callable[..., Any] = self.say
+        self.get: Callable[..., Any] = self.say
         self.poller = zmq.Poller()
-        if runtime is not None:
-            self.poller.register(runtime.signals.fileno(), zmq.POLLIN)
+        self.poller.register(runtime.signals.fileno(), zmq.POLLIN)
         self.heard = time.monotonic()
         self.identity = ""
-
-    @property
-    def stopping(self) -> bool:
-        if self.rt is not None:
-            return self.rt.stopping
-        return self.stop is not None and self.stop.is_set()
 
     def open(self) -> str:
         """A fresh DEALER, attached, having said READY."""
@@ -96,7 +85,8 @@ class EchoWorker:
         sock.setsockopt(zmq.LINGER, 0)
         where = attach(sock, [self.action + self.url], CONNECT)
         self.sock = sock
-        self.recv, self.send = sock.recv, raw_send(sock)
+        own = calls(sock)
+        self.recv, self.send, self.get = own.recv, own.send, own.get
         self.poller.register(sock, zmq.POLLIN)
         self.say(mew.READY + self.hello)
         self.heard = time.monotonic()
@@ -115,14 +105,20 @@ class EchoWorker:
             self.sock.send(header, zmq.NOBLOCK)
 
     def work(self) -> bool:
-        """Echo what the broker sent, each frame sent on as it is read; True if it said anything."""
+        """Echo what the broker sent, each frame sent on as it is read; True if it said anything.
+
+        Called when a poll said a message waits; after it, libzmq is asked
+        (ZMQ_EVENTS) whether another does, rather than reading until
+        ``zmq.Again`` is raised."""
         assert self.sock is not None
-        recv, send = self.recv, self.send
+        recv, send, get = self.recv, self.send, self.get
         stats = self.stats
         count = 0
         while count < BATCH:
+            if count and not get(EVENTS) & POLLIN:
+                break
             try:
-                first = recv(zmq.NOBLOCK, copy=False)
+                first = recv(NOBLOCK, copy=False)
             except zmq.Again:
                 break
             count += 1
@@ -149,41 +145,34 @@ class EchoWorker:
         return count > 0
 
     def wait(self, seconds: float) -> dict[object, int]:
-        """Poll for up to ``seconds``, acting on signals and the stop event."""
-        if self.stop is not None:
-            seconds = min(seconds, 0.1)
+        """Poll for up to ``seconds``, acting on signals."""
         events = dict(self.poller.poll(int(max(0.0, seconds) * 1000)))
-        if self.rt is not None and self.rt.signals.fileno() in events:
+        if self.rt.signals.fileno() in events:
             self.rt.on_signals()
         return events
 
     def pause(self, seconds: float) -> None:
         """Sleep between two attempts, still answering signals."""
         deadline = time.monotonic() + seconds
-        while not self.stopping and (left := deadline - time.monotonic()) > 0:
-            self.wait(left)
-            if self.rt is not None:
-                self.rt.tick()
+        while not self.rt.stopping and (left := deadline - time.monotonic()) > 0:
+            self.wait(min(left, self.rt.timeout()))
+            self.rt.tick()
 
     def serve(self) -> None:
+        rt = self.rt
         where = self.open()
         how = "bound, waiting for the broker" if self.action == BIND else "the broker"
-        where = f"{where.lstrip(CONNECT)} ({how}), as {self.identity}"
-        if self.rt is not None:
-            self.rt.ready(where)
-        else:
-            self.log.info("worker serving on %s", where)
+        rt.ready(f"{where.lstrip(CONNECT)} ({how}), as {self.identity}")
         attempt = 0
         next_beat = time.monotonic() + self.timing.interval
-        while not self.stopping:
+        while not rt.stopping:
             now = time.monotonic()
             deadline = min(next_beat, self.heard + self.timing.patience)
-            limit = self.rt.timeout() if self.rt is not None else 1.0
-            events = self.wait(min(deadline - now, limit))
+            events = self.wait(min(deadline - now, rt.timeout()))
             if self.sock in events and self.work():
                 attempt = 0
             now = time.monotonic()
-            if now >= self.heard + self.timing.patience and not self.stopping and not self.last_chance():
+            if now >= self.heard + self.timing.patience and not rt.stopping and not self.last_chance():
                 self.restart(attempt)
                 attempt += 1
                 next_beat = time.monotonic() + self.timing.interval
@@ -191,8 +180,7 @@ class EchoWorker:
                 self.say(mew.HEARTBEAT + b" " + self.hello)
                 next_beat = now + self.timing.interval
                 self.stats.detail = f"broker last heard {now - self.heard:.1f} s ago"
-            if self.rt is not None:
-                self.rt.tick()
+            rt.tick()
         self.leave()
 
     def last_chance(self) -> bool:
@@ -215,7 +203,7 @@ class EchoWorker:
             return
         self.close()
         self.pause(self.timing.backoff(attempt))
-        if not self.stopping:
+        if not self.rt.stopping:
             self.open()
 
     def leave(self) -> None:
@@ -223,22 +211,13 @@ class EchoWorker:
         if self.sock is None:
             return
         self.say(mew.BYE)
-        deadline = self.rt.stop_deadline if self.rt is not None else time.monotonic() + 1.0
+        deadline = self.rt.stop_deadline
         while (left := deadline - time.monotonic()) > 0:
             if not self.sock.poll(int(min(left, DRAIN_IDLE) * 1000), zmq.POLLIN):
                 break
             self.work()
-        linger = 1.0 if self.rt is None else max(0.0, min(1.0, self.rt.stop_deadline - time.monotonic()))
-        self.close(linger)
+        self.close(max(0.0, min(1.0, deadline - time.monotonic())))
 
 
 def serve(runtime: Runtime) -> None:
-    settings = runtime.settings
-    timing = mew.Timing(settings.heartbeat, settings.liveness)
-    EchoWorker(
-        settings.worker_connect or DEFAULT_CONNECT,
-        timing,
-        runtime=runtime,
-        window=settings.window,
-        max_message=settings.max_message,
-    ).serve()
+    EchoWorker(runtime).serve()

@@ -31,6 +31,11 @@ still in a connection's buffers are lost when it closes (the tail of a
 large batch). A job that dies with its
 worker is reported missing, not retried: PUSH/PULL has no
 acknowledgements, which is what the broker's protocol adds.
+
+The loops of all three use pyzmq's Cython calls (``zmqfront.calls``): a
+worker forwards a job's frames zero-copy, and the worker and the sink ask
+libzmq (ZMQ_EVENTS) whether a message waits before they poll, rather than
+reading until ``zmq.Again`` is raised.
 """
 
 from __future__ import annotations
@@ -41,12 +46,14 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import zmq
 
 from myecho.core.endpoints import BIND, CONNECT, attach, detach
 from myecho.core.sockets import free_port
+from myecho.core.zmqfront import EVENTS, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, RCVMORE, SNDMORE, calls
 
 Context = zmq.Context[zmq.Socket[bytes]]
 JOBS = "tcp://127.0.0.1:11146"
@@ -66,17 +73,36 @@ def payload(job: int, size: int) -> bytes:
     return (seed * (size // 8 + 1))[:size]
 
 
-def send(sock: zmq.Socket[bytes], frames: list[bytes], stop: threading.Event, patience: float) -> bool:
-    """Send, waiting at most ``patience`` seconds for room; False if stopped."""
-    deadline = time.monotonic() + patience
+def send(
+    sock: zmq.Socket[bytes],
+    frames: Sequence[bytes | zmq.Frame],
+    stop: threading.Event,
+    patience: float,
+    put: Callable[..., Any] | None = None,
+) -> bool:
+    """Send, waiting at most ``patience`` seconds for room; False if stopped.
+
+    ``put``: the socket's send from ``zmqfront.calls``, to spare a lookup
+    per message. The first frame decides: the rest of a message always goes."""
+    put = put or calls(sock).send
+    deadline = 0.0
+    last = len(frames) - 1
     while not stop.is_set():
         try:
-            sock.send_multipart(frames, zmq.NOBLOCK)
-            return True
+            put(frames[0], NOBLOCK_SNDMORE if last else NOBLOCK)
         except zmq.Again:
-            if time.monotonic() >= deadline:
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + patience
+            elif now >= deadline:
                 raise Stalled(f"nobody took a message for {patience:g} s") from None
             sock.poll(int(TICK * 1000), zmq.POLLOUT)
+            continue
+        for n in range(1, last):
+            put(frames[n], SNDMORE)
+        if last:
+            put(frames[last], 0)
+        return True
     return False
 
 
@@ -105,8 +131,9 @@ def ventilate(
         wait_for_workers(monitor, workers, patience, stop)
         send(to_sink, [BATCH, batch, count.to_bytes(8, "big"), size.to_bytes(8, "big")], stop, patience)
         started = time.monotonic()
+        put = calls(push).send
         for job in range(count):
-            if not send(push, [JOB, batch, job.to_bytes(8, "big"), payload(job, size)], stop, patience):
+            if not send(push, [JOB, batch, job.to_bytes(8, "big"), payload(job, size)], stop, patience, put):
                 break
             sent += 1
         seconds = time.monotonic() - started
@@ -165,19 +192,27 @@ def work(
     pull = context.socket(zmq.PULL)
     pull.setsockopt(zmq.RCVHWM, hwm)
     push = context.socket(zmq.PUSH)
+    own, put = calls(pull), calls(push).send
+    recv, get = own.recv, own.get
+    tag = name.encode()
     done = 0
     try:
         where = attach(pull, jobs or [JOBS], CONNECT)
         attach(push, results or [RESULTS], CONNECT)
         while not stop.is_set():
-            if not pull.poll(int(TICK * 1000), zmq.POLLIN):
+            if not get(EVENTS) & POLLIN and not pull.poll(int(TICK * 1000), zmq.POLLIN):
                 continue
-            frames = pull.recv_multipart()
-            if len(frames) != 4 or frames[0] != JOB:
+            try:
+                frames: list[zmq.Frame] = [recv(NOBLOCK, copy=False)]
+            except zmq.Again:
+                continue
+            while frames[-1].more:
+                frames.append(recv(0, copy=False))
+            if len(frames) != 4 or frames[0].bytes != JOB:
                 continue
             if cost:
                 time.sleep(cost)
-            if send(push, [DONE, frames[1], frames[2], name.encode(), frames[3]], stop, 3600):
+            if send(push, [DONE, frames[1], frames[2], tag, frames[3]], stop, 3600, put):
                 done += 1
         detach(pull, where)  # take no more; what is done still goes to the sink
     finally:
@@ -269,6 +304,8 @@ def collect(
         poller = zmq.Poller()
         poller.register(pull, zmq.POLLIN)
         poller.register(router, zmq.POLLIN)
+        own = calls(pull)
+        recv, get = own.recv, own.get
         quiet_since = time.monotonic()
         while not stop.is_set():
             if time.monotonic() - quiet_since >= (settle if tally.complete else timeout):
@@ -282,10 +319,11 @@ def collect(
                 quiet_since = time.monotonic()
             if pull in events:
                 for _ in range(1000):
-                    try:
-                        frames = pull.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
+                    if not get(EVENTS) & POLLIN:
                         break
+                    frames = [recv(NOBLOCK)]
+                    while get(RCVMORE):
+                        frames.append(recv(0))
                     if len(frames) == 5 and frames[0] == DONE:
                         tally.add(frames)
                 quiet_since = time.monotonic()
