@@ -297,7 +297,8 @@ class Sample:
         cpu_after = self.server.cpu()
         if out["opened"] == self.count and out["echoed"] == self.count and None not in (self.cpu_before, cpu_after):
             assert self.cpu_before is not None and cpu_after is not None
-            self.cpu_per_connection = (cpu_after - self.cpu_before) / self.count
+            if cpu_after >= self.cpu_before:  # lower: a process left the accounting (see throughput)
+                self.cpu_per_connection = (cpu_after - self.cpu_before) / self.count
         found = self.server.memory()
         if found is not None:
             self.memory = MemoryResult(found.processes, found.rss_bytes, found.pss_bytes)
@@ -451,10 +452,14 @@ class Runner:
                 after, main_after = server.cpu(), server.main_cpu()
                 outs.append(out)
                 before, main_before = window[0] if window else (None, None)
-                if before is not None and after is not None and out["round_trips"]:
+                # A tree's CPU never goes down; when it reads lower at the end, a process
+                # of it left the accounting (reaped outside the tree): that run says nothing.
+                if before is not None and after is not None and out["round_trips"] and after >= before:
                     server_cpu.append((after - before) / out["round_trips"])
-                if main_before is not None and main_after is not None and out["round_trips"]:
-                    main_cpu.append((main_after - main_before) / out["round_trips"])
+                if None not in (main_before, main_after) and out["round_trips"]:
+                    assert main_before is not None and main_after is not None
+                    if main_after >= main_before:
+                        main_cpu.append((main_after - main_before) / out["round_trips"])
             good = [o for o in outs if o["round_trips"] and o["elapsed_ns"]]
             result.throughput.append(
                 ThroughputResult(
