@@ -6,7 +6,6 @@ by the command's name, and the function ``complete -p`` names answers for the wo
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from .container import Container
-from .packaging import build_deb
+from .packaging import package_debs
 
 #: Complete the last of the words given as arguments, as bash does on <TAB>; one candidate a line.
 COMPLETE = r"""
@@ -32,11 +31,10 @@ printf '%s\n' "${COMPREPLY[@]}"
 
 @pytest.fixture(scope="module")
 def installed(rootfs: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
-    """A booted container with the package ($MYECHO_DEB, else built now), bash-completion and man-db."""
-    given = os.environ.get("MYECHO_DEB")
-    deb = Path(given).resolve() if given else build_deb(tmp_path_factory.mktemp("deb"))
+    """A booted container with the packages ($MYECHO_DEB, else built now), bash-completion and man-db."""
+    debs = package_debs(tmp_path_factory)
     with Container(rootfs) as booted:
-        booted.apt_install_deb(deb)
+        booted.apt_install_deb(*debs)
         booted.apt_get("install", "--no-install-recommends", "bash-completion", "man-db")
         yield booted
 
