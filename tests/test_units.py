@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -148,3 +149,24 @@ def test_only_a_model_that_forks_watches_sigchld(serve: ServeFactory, model: str
     caught = _caught(server.proc.pid)
     assert caught & (1 << (signal.SIGTERM - 1)) and caught & (1 << (signal.SIGHUP - 1))
     assert bool(caught & (1 << (signal.SIGCHLD - 1))) == forks
+
+
+def test_a_notify_socket_that_fails_is_logged_once_until_it_works(caplog: pytest.LogCaptureFixture) -> None:
+    """A gone NOTIFY_SOCKET must not put a warning in the journal at every STATUS."""
+    notifier = Notifier()
+    replies: list[OSError | None] = [ConnectionRefusedError(111, "Connection refused")] * 5 + [None, OSError(2, "gone")]
+    sent: list[str] = []
+
+    def send(message: str) -> None:
+        reply = replies.pop(0)
+        if reply is not None:
+            raise reply
+        sent.append(message)
+
+    notifier._send = send
+    with caplog.at_level(logging.INFO, logger="myecho"):
+        for _ in range(7):
+            notifier.status("serving")
+    messages = [record.getMessage() for record in caplog.records]
+    assert [m.split(":")[0] for m in messages] == ["sd_notify failed", "sd_notify works again", "sd_notify failed"]
+    assert sent == ["STATUS=serving"]

@@ -56,6 +56,7 @@ class Notifier:
         self.watchdog_interval = self._watchdog_interval()
         #: Called once, at the first READY (``--daemon``: tell the shell).
         self.on_ready: Callable[[], None] | None = None
+        self._failing = False  # said once; said again only after a send that worked
 
     @staticmethod
     def _watchdog_interval() -> float | None:
@@ -74,13 +75,22 @@ class Notifier:
         return self._send is not None
 
     def _say(self, message: str) -> None:
-        """Best effort: a full fd table (EMFILE) must not take the service down."""
+        """Best effort: a full fd table (EMFILE) must not take the service down,
+        and a notify socket that is gone is logged once, not at every STATUS."""
         if self._send is None:
             return
         try:
             self._send(message)
         except OSError as error:
-            logging.getLogger("myecho").warning("sd_notify failed: %s", error.strerror)
+            if not self._failing:
+                logging.getLogger("myecho").warning(
+                    "sd_notify failed: %s (said once, until it works again)", error.strerror
+                )
+            self._failing = True
+        else:
+            if self._failing:
+                logging.getLogger("myecho").info("sd_notify works again")
+            self._failing = False
 
     def ready(self, status: str) -> None:
         self._say(f"READY=1\nSTATUS={status}\nMAINPID={os.getpid()}")
