@@ -51,12 +51,13 @@ def _datagram_notifier(path: str) -> Callable[[str], object] | None:
 class Notifier:
     """The one voice that tells systemd how the service is doing."""
 
+    _failing = False  # a failed send was logged; logged again only after one that worked
+
     def __init__(self) -> None:
         self._send = _notify_backend()
         self.watchdog_interval = self._watchdog_interval()
         #: Called once, at the first READY (``--daemon``: tell the shell).
         self.on_ready: Callable[[], None] | None = None
-        self._failing = False  # said once; said again only after a send that worked
 
     @staticmethod
     def _watchdog_interval() -> float | None:
