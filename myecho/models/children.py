@@ -142,6 +142,9 @@ class Spawner:
                 self.pid = os.posix_spawn(
                     sys.executable, [sys.executable, "-I", "-S", str(SPAWNER), *argv], _child_environment()
                 )
+            except OSError:
+                self.control.close()
+                raise
             finally:
                 os.set_inheritable(slots_fd, False)
 

@@ -186,6 +186,7 @@ class Spawner:
         # Inherited by every spare, so that none has to install it.
         signal.signal(signal.SIGUSR2, orphaned_by(server))
         load_prctl()
+        self.failing = False  # a spare could not be forked (said once)
 
     def fork_spare(self) -> None:
         """One spare, and the parent's end of its channel to the parent.
@@ -194,8 +195,17 @@ class Spawner:
         child forked before, as a copy of its own: this path makes its
         sockets with ``_socket`` and sends them with ``sendmsg``, without
         the Python-level wrappers of ``socket``."""
-        ours, theirs = _socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
+        try:
+            ours, theirs = _socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as error:
+            return self.cannot(error)
+        try:
+            pid = os.fork()
+        except OSError as error:  # pids.max, memory: the parent forks after accept meanwhile
+            ours.close()
+            theirs.close()
+            return self.cannot(error)
+        self.failing = False
         if pid == 0:
             code = 1
             try:
@@ -210,6 +220,12 @@ class Spawner:
             self.control.sendmsg([MESSAGE.pack(b"S", pid, 0)], rights)
         finally:
             ours.close()
+
+    def cannot(self, error: OSError) -> None:
+        """No spare this time: one line to the journal until a fork works again."""
+        if not self.failing:
+            print(f"myecho spawner: cannot fork a spare: {error.strerror}", file=sys.stderr, flush=True)
+        self.failing = True
 
     def reap(self) -> None:
         for pid, code in reaped():
