@@ -18,6 +18,7 @@ import time
 from typing import Any, Protocol
 
 from myecho.core.runtime import Runtime
+from myecho.core.sockets import format_address
 
 PAUSE = 0.1
 RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -151,8 +152,7 @@ def shed_reason(silent: float, queued: int) -> str:
 def peer_name(address: object) -> str:
     """HOST:PORT ([HOST]:PORT for IPv6) from an accept() address."""
     if isinstance(address, tuple) and len(address) >= 2:
-        host, port = address[0], address[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+        return format_address(str(address[0]), address[1])
     return str(address) or "unix socket"
 
 

@@ -35,8 +35,7 @@ def prctl(option: int, value: int) -> None:
 def die_with(parent: int, signum: int = signal.SIGTERM) -> bool:
     """Have the kernel send ``signum`` when our parent dies; False if
     ``parent`` (our parent at fork) has already died."""
-    load_prctl()
-    _prctl[0](PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    prctl(PR_SET_PDEATHSIG, signum)
     return os.getppid() == parent
 
 
