@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from myecho.models import children as children_module
 from myecho.models.children import CHILD_MEMORY, PARENT_FDS, Children, fitting
 
 
@@ -101,13 +101,14 @@ def test_overdue_after_the_deadline_and_no_longer_once_a_spare_comes(channels: l
     children.close_channels()
 
 
-def test_the_default_limit_is_what_the_machine_holds() -> None:
-    """Each bound in turn: a low fd limit wins over this machine's memory and pid_max."""
-    count, bound = fitting(4, 128, 1000)
-    assert (count, bound) == (1000 - PARENT_FDS - 128 - 4, "the fd limit, 1000")
-    count, bound = fitting(4, 128, 10**9)  # no fd limit to speak of: memory, pid_max or the cgroup
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    available = int(next(line for line in meminfo if line.startswith("MemAvailable")).split()[1])
-    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
-    assert count <= min(available * 1024 // 2 // CHILD_MEMORY, pid_max - 2000)
-    assert "MemAvailable" in bound or "pid" in bound
+def test_the_default_limit_is_what_the_machine_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each bound in turn wins when it is the lowest: the fd limit, memory, pid_max, the cgroup's pids.max."""
+    numbers = {"pid_max": 32768, "pids.max": 0}
+    monkeypatch.setattr(children_module, "_meminfo", lambda field: 8 << 30)  # 8 GiB available
+    monkeypatch.setattr(children_module, "_number", lambda path: numbers[path.name])
+    assert fitting(4, 128, 1000) == (1000 - PARENT_FDS - 128 - 4, "the fd limit, 1000")
+    assert fitting(4, 128, 10**9) == ((8 << 30) // 2 // CHILD_MEMORY, "half of MemAvailable, 8192 MiB")
+    numbers["pid_max"] = 6000
+    assert fitting(4, 128, 10**9) == (6000 - 2000 - 4, "pid_max, 6000")
+    numbers["pids.max"] = 500  # systemd's TasksMax
+    assert fitting(4, 128, 10**9) == (500 - 16 - 4, "the cgroup's pids.max, 500")

@@ -69,6 +69,7 @@ def test_listen_fds_meant_for_another_process_are_not_taken(monkeypatch: pytest.
     monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
     assert sockets._listen_fds() == [3, 4]
     monkeypatch.setenv("LISTEN_FDS", "two")
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
     assert sockets._listen_fds() == []
 
 
