@@ -95,9 +95,9 @@ def zmq_client(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-@pytest.mark.parametrize("model", ["zmq", "zmq-c"])
+@pytest.mark.parametrize("model", ["zmq", "zmq-c", "pyzmq"])
 def test_zmq_client_against_the_zmq_model(zmq_client: str, model: str) -> None:
-    """Both clients against the zmq model and its C limit (zmq-echo)."""
+    """Both clients against the zmq model, its C limit (zmq-echo) and its pyzmq floor."""
     server = Server.start(BY_NAME[model])
     try:
         single = loadgen.run(zmq_client, "single", server.host, server.port, 60, trials=3, timeout=5)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zmq
 from support import roundtrip
 
 from myecho.bench import procs
@@ -40,6 +41,36 @@ def test_reference_servers_echo_and_stop(name: str) -> None:
     finally:
         server.stop()
     assert server.proc is not None and server.proc.returncode is not None
+
+
+def test_pyzmq_floor_echoes_frame_for_frame_and_stops() -> None:
+    """The zmq model's floor: a DEALER's multipart message (empty, binary and
+    long frames) comes back whole, the same after a client left before its
+    reply (the rest of that message is read, not taken for the next one), and
+    SIGTERM ends it with status 0."""
+    server = Server.start(BY_NAME["pyzmq"])
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        message = [b"", b"\x00\xff", b"x" * 70_000, b"end"]
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGSTOP)  # requests read only once their clients are gone
+        for _ in range(20):
+            leaving = context.socket(zmq.DEALER)
+            leaving.connect(f"tcp://{server.host}:{server.port}")
+            leaving.send_multipart([b"", b"gone", b"y" * 100_000])
+            leaving.close(linger=2000)
+        os.kill(server.proc.pid, signal.SIGCONT)
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(f"tcp://{server.host}:{server.port}")
+        for _ in range(3):
+            dealer.send_multipart(message)
+            assert dealer.poll(10_000), "no reply"
+            assert dealer.recv_multipart() == message
+        dealer.close(linger=0)
+    finally:
+        context.term()
+        server.stop()
+    assert server.proc is not None and server.proc.returncode == 0
 
 
 def test_every_model_says_how_it_starts_by_its_fields(tmp_path: Path) -> None:

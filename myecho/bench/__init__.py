@@ -11,7 +11,7 @@ The package is split by job:
     scenarios   the measurements and the ramp's stopping rules
     stats       the arithmetic; ``report`` the tables, JSON and charts
     talk        the talk's own figures; ``startup`` the inetd rows' floor
-    pyservers   bare asyncio and uvloop echoes, the Python references
+    pyservers   bare asyncio, uvloop and pyzmq echoes, the Python references
     measure     the broker with N workers, a worker crash, the pipeline
     validate    ``--check-loadgen``: is the load generator the bottleneck?
     cli         the command

@@ -1,10 +1,12 @@
-"""The references a Python user would otherwise pick: asyncio and uvloop.
+"""The references a Python user would otherwise pick: asyncio, uvloop, pyzmq.
 
 ``python -m myecho.bench.pyservers asyncio|uvloop --port P`` runs a plain
 ``asyncio.Protocol`` echo (the fastest way asyncio offers: no streams
-layer) on the standard loop or on uvloop. It sends READY=1 to
-$NOTIFY_SOCKET like the models do, so the bench starts every server the
-same way, and stops on SIGTERM.
+layer) on the standard loop or on uvloop. ``pyzmq`` runs the smallest
+ROUTER echo pyzmq allows, set up as the C one (``zmq-echo``) is: the
+floor of the zmq model's runtime, with none of myecho's bounds, counts or
+housekeeping. Each sends READY=1 to $NOTIFY_SOCKET like the models do, so
+the bench starts every server the same way, and stops on SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import os
 import signal
 import socket
-from typing import cast
+from typing import Any, cast
 
 from myecho.core.sockets import raise_fd_limit
 
@@ -56,14 +58,72 @@ async def serve(host: str, port: int) -> None:
         await stop.wait()
 
 
+def serve_pyzmq(host: str, port: int) -> None:
+    """A ROUTER echo on pyzmq's cheapest calls: every frame sent back as it is
+    read (zero-copy), as ``zmq-echo`` does in C; after a message, libzmq is
+    asked whether another waits (ZMQ_EVENTS), and the loop polls when none does."""
+    import zmq
+
+    from myecho.core.zmqfront import EVENTS, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, calls
+
+    context = zmq.Context(io_threads=2)
+    router = context.socket(zmq.ROUTER)
+    for option, value in (
+        (zmq.ROUTER_MANDATORY, 1),
+        (zmq.SNDHWM, 1000),
+        (zmq.RCVHWM, 1000),
+        (zmq.BACKLOG, 4096),
+        (zmq.LINGER, 0),
+        (zmq.MAXMSGSIZE, 64 * 1024 * 1024),
+    ):
+        router.setsockopt(option, value)
+    router.bind(f"tcp://{host}:{port}")
+    wake_r, wake_w = socket.socketpair()
+    wake_w.setblocking(False)
+    signal.set_wakeup_fd(wake_w.fileno())
+    stop: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, frame: stop.append(number))
+    fast = calls(router)
+    recv, send, get = fast.recv, fast.send, fast.get
+    items: list[tuple[Any, int]] = [(router, zmq.POLLIN), (wake_r.fileno(), zmq.POLLIN)]
+    notify_ready()
+    while not stop:
+        for sock, _ in zmq.zmq_poll(items, -1):
+            if sock is not router:
+                continue
+            while True:
+                try:
+                    frame = recv(NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                more, sending = frame.more, True
+                while True:  # the rest of a message is always there
+                    if sending:
+                        try:
+                            send(frame, NOBLOCK_SNDMORE if more else NOBLOCK, copy=False)
+                        except zmq.ZMQError:  # the client left or does not read: drop the rest
+                            sending = False
+                    if not more:
+                        break
+                    frame = recv(0, copy=False)
+                    more = frame.more
+                if not get(EVENTS) & POLLIN:
+                    break
+    router.close()
+    context.term()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m myecho.bench.pyservers", description=__doc__)
-    parser.add_argument("loop", choices=("asyncio", "uvloop"))
+    parser.add_argument("loop", choices=("asyncio", "uvloop", "pyzmq"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     options = parser.parse_args(argv)
     raise_fd_limit()
-    if options.loop == "uvloop":
+    if options.loop == "pyzmq":
+        serve_pyzmq(options.host, options.port)
+    elif options.loop == "uvloop":
         import uvloop
 
         uvloop.run(serve(options.host, options.port))

@@ -61,7 +61,7 @@ class Model:
     serve: tuple[str, ...] = ()
     #: Workers (``myecho serve worker``) behind the ``myecho serve broker`` of ``serve``.
     broker_workers: int = 0
-    #: The bare Python servers (``bench.pyservers``) on this loop: asyncio, uvloop.
+    #: The bare Python servers (``bench.pyservers``): asyncio, uvloop, pyzmq.
     pyserver: str = ""
     #: The inetd model under a super-server: "xinetd" or "systemd" (socket activation, Accept=yes).
     inetd: str = ""
@@ -180,6 +180,14 @@ MODELS = (
         "myecho serve broker with 4 myecho serve worker behind it",
         serve=("broker",),
         broker_workers=4,
+    ),
+    Model(
+        "pyzmq",
+        "Python pyzmq (floor)",
+        "zmq",
+        "a minimal ROUTER echo on pyzmq's Cython calls, set up as zmq-c: what the zmq model's runtime costs",
+        True,
+        pyserver="pyzmq",
     ),
     Model("asyncio", "Python asyncio", "tcp", "asyncio.Protocol echo on the standard loop", True, pyserver="asyncio"),
     Model(
