@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo    the main job: build, start every model, print the talk's two tables (myecho-bench --quick)
-#   make check   the tests (unit, integration over loopback, lint, types), then
+#   make check   the tests (unit, integration over loopback, lint, types; the
+#                ZeroMQ/systemd ones again on Debian's python3-zmq), then
 #                the Debian package (built, lintian-clean) in a booted systemd
 # Both install what they need first when run as root on Debian 12.
 # Also: make deb (dist/: the packages myecho and myecho-bench, the source
@@ -12,7 +13,7 @@ VENV    ?= .venv
 TOX     := $(VENV)/bin/tox
 APT_DEPS := python3-venv python3-dev gcc libc6-dev make pkg-config libsystemd-dev \
             libzmq3-dev systemd xinetd socat php-cli php-zmq redis-tools iproute2 \
-            bash-completion man-db
+            bash-completion man-db python3-zmq python3-systemd python3-uvloop
 
 # The package: its version from debian/changelog (no dpkg-dev needed yet).
 DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
@@ -41,6 +42,7 @@ venv: deps $(VENV)/bin/activate
 
 check: venv
 	$(TOX) -e lint,type,py -- tests --ignore=tests/system
+	$(TOX) -e debian
 	$(MAKE) --no-print-directory deb
 	MYECHO_DEB="$(MYECHO_DEB)" $(TOX) -e system
 

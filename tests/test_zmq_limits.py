@@ -46,7 +46,7 @@ def test_a_message_over_the_bound_in_all_frames_is_dropped(serve: ServeFactory) 
         client.send_multipart([b"", b"after", b"y" * MIB])
         assert client.recv_multipart() == [b"", b"after", b"y" * MIB]  # the big one never came back
         assert "dropped" in wait_status(server, "1 dropped")
-        assert "over 67108864 (all frames)" in server.stderr
+        assert "reply dropped: a message of 83886080 bytes, over 67108864 (all frames)" in server.stderr
     finally:
         context.destroy(linger=0)
 

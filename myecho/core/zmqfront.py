@@ -42,7 +42,7 @@ FD_MARGIN = 64
 LOG_EVERY = 10.0
 NOBLOCK, SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)  # plain ints: an IntFlag's | costs a microsecond
 NOBLOCK_SNDMORE = NOBLOCK | SNDMORE
-POLLIN, EVENTS, RCVMORE = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.RCVMORE)
+POLLIN, EVENTS, RCVMORE, SRCFD = int(zmq.POLLIN), int(zmq.EVENTS), int(zmq.RCVMORE), int(zmq.SRCFD)
 ACCEPTED, DISCONNECTED = int(zmq.EVENT_ACCEPTED), int(zmq.EVENT_DISCONNECTED)
 _EVENT = struct.Struct("=HI")  # a monitor event's first frame: event (16 bits), value (32 bits)
 
@@ -346,13 +346,14 @@ class Front:
         return seen
 
     def dropped(self, why: str) -> None:
-        """A reply not sent to a client that does not read: counted, logged at most every ten seconds."""
+        """A reply not sent (a client that does not read, a message over the bound):
+        counted, logged at most every ten seconds."""
         if self.stats is not None:
             self.stats.dropped += 1
         now = time.monotonic()
         if now - self.last_drop_log >= LOG_EVERY:
             self.last_drop_log = now
-            self.log.warning("reply dropped: a client that does not read; %s", why)
+            self.log.warning("reply dropped: %s", why)
 
     def tick(self) -> float:
         return self.accepting.tick()

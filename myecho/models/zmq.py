@@ -46,7 +46,7 @@ import zmq
 from myecho.core.accepting import connection_ended, peer_name
 from myecho.core.runtime import Runtime
 from myecho.core.sockets import Listeners
-from myecho.core.zmqfront import EVENTS, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, SNDMORE, Front, calls
+from myecho.core.zmqfront import EVENTS, NOBLOCK, NOBLOCK_SNDMORE, POLLIN, SNDMORE, SRCFD, Front, calls
 
 #: systemd's sockets, or one bound on HOST:PORT; --listen endpoints libzmq binds itself.
 LISTENERS = Listeners(endpoints="listen")
@@ -190,14 +190,6 @@ class ZmqServer:
             except zmq.Again:
                 break
             count += 1
-            identity = head.bytes
-            try:
-                fd = int(head.get(zmq.SRCFD))
-            except (zmq.ZMQError, TypeError, ValueError):
-                fd = -1
-            peer = peers.get(identity)
-            if peer is None or peer.fd != fd:
-                peer = self.peer(identity, fd)
             frames: list[zmq.Frame] = []
             size = wire = 0
             more = head.more
@@ -216,6 +208,16 @@ class ZmqServer:
                 continue
             if not frames:
                 continue
+            # The connection's descriptor, from a data frame: libzmq 4.3.4
+            # (Debian 12's) gives none with the routing id ROUTER prepends.
+            try:
+                fd = int(frames[0].get(SRCFD))
+            except (zmq.ZMQError, TypeError, ValueError):
+                fd = -1
+            identity = head.bytes
+            peer = peers.get(identity)
+            if peer is None or peer.fd != fd:
+                peer = self.peer(identity, fd)
             stats.messages += 1
             stats.bytes += size
             if peer is not None:
