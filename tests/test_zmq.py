@@ -288,3 +288,70 @@ def test_fallback_when_pyzmq_is_laid_out_otherwise() -> None:
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
     assert result.stdout.split() == [b"True", b"200"], result.stderr.decode()
+
+
+def test_a_drain_asks_libzmq_once_and_raises_at_most_once() -> None:
+    """What one wake-up of the loop costs in calls besides the frames: after the
+    first message one ZMQ_EVENTS query; a drain of more ends on one zmq.Again.
+    Every queued message is answered, byte for byte, to its own client."""
+    import logging
+    import types
+
+    from myecho.core import zmqfront
+    from myecho.core.runtime import Stats
+    from myecho.models.zmq import ZmqServer
+
+    class Counting:
+        def __init__(self, inner: zmqfront.Calls) -> None:
+            self.inner, self.events, self.again = inner, 0, 0
+
+        def recv(self, *args: object, **kwargs: object) -> object:
+            try:
+                return self.inner.recv(*args, **kwargs)
+            except zmq.Again:
+                self.again += 1
+                raise
+
+        def send(self, *args: object, **kwargs: object) -> object:
+            return self.inner.send(*args, **kwargs)
+
+        def get(self, option: int) -> object:
+            self.events += option == zmqfront.EVENTS
+            return self.inner.get(option)
+
+    stats = Stats()
+    settings = types.SimpleNamespace(backlog=64)
+    runtime = types.SimpleNamespace(stats=stats, log=logging.getLogger("test"), settings=settings)
+    context: Context = zmq.Context()
+    try:
+        server = ZmqServer(runtime, context)  # type: ignore[arg-type]
+        counting = Counting(server.calls)
+        server.calls = counting  # type: ignore[assignment]
+        port = server.router.bind_to_random_port("tcp://127.0.0.1")
+        clients = [context.socket(zmq.DEALER) for _ in range(8)]
+        for client in clients:
+            client.connect(f"tcp://127.0.0.1:{port}")
+
+        def queued(count: int) -> None:
+            wait_until(lambda: server.router.getsockopt(zmq.EVENTS) & zmq.POLLIN, 5)
+            time.sleep(0.2)  # the rest of the burst reaches the ROUTER's queue too
+            counting.events = counting.again = 0
+            assert server.echo_pending()
+            assert stats.messages == count
+
+        clients[0].send_multipart([b"", b"one"])
+        queued(1)
+        assert (counting.events, counting.again) == (1, 0)  # one message: one query, no exception
+        assert clients[0].recv_multipart() == [b"", b"one"]
+
+        for number, client in enumerate(clients):
+            for message in range(3):
+                client.send_multipart([b"", b"%d" % number, bytes([message]) * (message * 1000)])
+        queued(1 + 24)
+        assert (counting.events, counting.again) == (1, 1)
+        for number, client in enumerate(clients):
+            for message in range(3):
+                assert client.poll(5000)
+                assert client.recv_multipart() == [b"", b"%d" % number, bytes([message]) * (message * 1000)]
+    finally:
+        context.destroy(linger=0)
