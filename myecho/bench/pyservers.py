@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     elif options.loop == "uvloop":
         import uvloop
 
-        uvloop.run(serve(options.host, options.port))
+        # uvloop.run() is 0.18's; Debian 12 ships 0.17, which has new_event_loop().
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(options.host, options.port))
     else:
         asyncio.run(serve(options.host, options.port))
     return 0
