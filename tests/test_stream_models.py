@@ -13,6 +13,7 @@ import pytest
 from support import (
     STREAM_MODELS,
     ServeFactory,
+    descendants_of,
     exchange,
     odd_chunks,
     random_bytes,
@@ -83,7 +84,16 @@ def test_thousand_concurrent_clients(serve: ServeFactory, model: str) -> None:
             assert roundtrip(sock, b"") == b""
             got = b""
             while len(got) < len(expected):
-                got += sock.recv(64)
+                try:
+                    data = sock.recv(64)
+                except TimeoutError:
+                    children = len(descendants_of(server.proc.pid))
+                    raise AssertionError(
+                        f"client {number}: no echo within its socket timeout; the server has {children} "
+                        f"processes below it; its stderr ends: {server.stderr[-1500:]!r}"
+                    ) from None
+                assert data, f"client {number}: EOF after {got!r}"
+                got += data
             assert got == expected
     finally:
         for sock in clients:
