@@ -45,30 +45,34 @@ def test_reference_servers_echo_and_stop(name: str) -> None:
 
 def test_pyzmq_floor_echoes_frame_for_frame_and_stops() -> None:
     """The zmq model's floor: a DEALER's multipart message (empty, binary and
-    long frames) comes back whole, the same after a client left before its
-    reply (the rest of that message is read, not taken for the next one), and
-    SIGTERM ends it with status 0."""
+    long frames) comes back whole; a client that never reads has its replies
+    dropped whole once the high-water mark is reached, the rest of each such
+    message read and dropped, not taken for a new one (a frame naming another
+    client's routing id must not reach that client); SIGTERM ends it with 0."""
     server = Server.start(BY_NAME["pyzmq"])
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    url = f"tcp://{server.host}:{server.port}"
     try:
+        good = context.socket(zmq.DEALER)
+        good.setsockopt(zmq.ROUTING_ID, b"good")
+        good.connect(url)
         message = [b"", b"\x00\xff", b"x" * 70_000, b"end"]
-        assert server.proc is not None
-        os.kill(server.proc.pid, signal.SIGSTOP)  # requests read only once their clients are gone
-        for _ in range(20):
-            leaving = context.socket(zmq.DEALER)
-            leaving.connect(f"tcp://{server.host}:{server.port}")
-            leaving.send_multipart([b"", b"gone", b"y" * 100_000])
-            leaving.close(linger=2000)
-        os.kill(server.proc.pid, signal.SIGCONT)
-        dealer = context.socket(zmq.DEALER)
-        dealer.connect(f"tcp://{server.host}:{server.port}")
-        for _ in range(3):
-            dealer.send_multipart(message)
-            assert dealer.poll(10_000), "no reply"
-            assert dealer.recv_multipart() == message
-        dealer.close(linger=0)
+        good.send_multipart(message)
+        assert good.poll(10_000) and good.recv_multipart() == message
+        flooder = context.socket(zmq.DEALER)  # never reads: its replies pass the floor's HWM of 1000
+        flooder.setsockopt(zmq.RCVHWM, 1)
+        flooder.setsockopt(zmq.RCVBUF, 4096)
+        flooder.setsockopt(zmq.LINGER, 0)
+        flooder.setsockopt(zmq.SNDTIMEO, 10_000)  # a server that stops reading fails the test, never hangs it
+        flooder.connect(url)
+        for _ in range(4000):
+            flooder.send_multipart([b"", b"good", b"stolen" * 2000])
+        time.sleep(2)  # the floor reads them all; past the HWM each reply is dropped
+        good.send_multipart(message)
+        assert good.poll(10_000) and good.recv_multipart() == message
+        assert not good.poll(500), "a dropped message's frames reached another client"
     finally:
-        context.term()
+        context.destroy(linger=0)
         server.stop()
     assert server.proc is not None and server.proc.returncode == 0
 
