@@ -243,6 +243,18 @@ def test_the_committed_results_read_back() -> None:
     assert "≥ 20000" in saved.multi_table()
 
 
+def test_markdown_has_the_pipeline_table() -> None:
+    """--markdown writes every table the terminal shows, the pipeline's included."""
+    saved = from_json(json.loads(RESULTS.read_text()))
+    terminal, markdown = saved.text(), saved.text(markdown=True)
+    assert "ZeroMQ pipeline" in terminal
+    lines = markdown.split("### ZeroMQ pipeline")[1].splitlines()
+    assert lines[1].startswith("| Workers ")
+    rows = [line for line in lines if line.startswith("| ") and line[2:3].isdigit()]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "4"]
+    assert all(row.rstrip(" |").endswith("yes") for row in rows)
+
+
 def axis_words(ax: object) -> list[str]:
     from matplotlib.axes import Axes
 

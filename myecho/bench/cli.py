@@ -286,18 +286,6 @@ def run_pipeline(settings: Settings, progress: Progress) -> list[dict[str, Any]]
     return runs
 
 
-def pipeline_table(runs: list[dict[str, Any]]) -> str:
-    lines = [
-        "",
-        "ZeroMQ pipeline: ventilator -> N workers -> sink (PUSH/PULL over ipc), every job checked done once",
-        f"{'workers':>7}  {'jobs':>6}  {'jobs/s':>8}  exactly once",
-    ]
-    for run in runs:
-        verdict = "yes" if run["exactly_once"] else f"NO ({run['missing']} missing, {run['duplicates']} twice)"
-        lines.append(f"{run['workers']:>7}  {run['jobs']:>6}  {run['jobs_per_second']:>8,}  {verdict}")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     if options.check_loadgen:
@@ -381,8 +369,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta["inetd_socket_unit"] = unit
     report = Report(results, meta, with_talk=options.talk, with_ratios=options.ratios)
     sys.stdout.write(report.text())
-    if pipeline:
-        sys.stdout.write(pipeline_table(pipeline))
     sys.stdout.write(
         f"\n{meta['machine']['cores']} cores, {meta['machine']['cpu']}; load average {load_start[0]:.2f} at the "
         f"start, {procs.loadavg()[0]:.2f} at the end, {meta['load_average']['max_1min']:.2f} at most; "
@@ -418,8 +404,6 @@ def render_saved(options: argparse.Namespace) -> int:
     except (ValueError, KeyError, TypeError) as error:
         raise SystemExit(f"myecho-bench: {options.from_json} is not a myecho-bench --json file: {error}") from None
     sys.stdout.write(report.text())
-    if report.meta.get("pipeline"):
-        sys.stdout.write(pipeline_table(report.meta["pipeline"]))
     write_files(report, options)
     return 0
 

@@ -67,6 +67,9 @@ def fmt_maximum(ramp: RampResult | None) -> str:
     return f"{ramp.maximum} ({ramp.stop_reason})"
 
 
+PIPELINE_TITLE = "ZeroMQ pipeline: ventilator -> N workers -> sink (PUSH/PULL over ipc), every job checked done once"
+
+
 def render(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool = False) -> str:
     """A table with columns padded to their widest cell (first column left, others right)."""
     widths = [max(len(str(row[i])) for row in [headers, *rows]) for i in range(len(headers))]
@@ -291,10 +294,20 @@ class Report:
             f"{title}Beyond the talk: what an echo costs the server",
             self.cost_table(markdown),
         ]
+        if self.meta.get("pipeline"):
+            parts += ["", f"{title}{PIPELINE_TITLE}", self.pipeline_table(markdown)]
         notes = self.notes()
         if notes:
             parts += ["", f"{title}Notes", *((f"- {n}" if markdown else f"  {n}") for n in notes)]
         return "\n".join(parts) + "\n"
+
+    def pipeline_table(self, markdown: bool = False) -> str:
+        """The pipeline's jobs per second by worker count, and whether every job came back once."""
+        rows = []
+        for run in self.meta.get("pipeline", []):
+            verdict = "yes" if run["exactly_once"] else f"NO ({run['missing']} missing, {run['duplicates']} twice)"
+            rows.append([str(run["workers"]), f"{run['jobs']:,}", f"{run['jobs_per_second']:,}", verdict])
+        return render(["Workers", "Jobs", "Jobs/s", "Exactly once"], rows, markdown)
 
     # ---- JSON ---------------------------------------------------------------
     def as_json(self) -> dict[str, Any]:
