@@ -203,6 +203,16 @@ def test_json_validates_against_the_schema() -> None:
     assert document["models"][0]["throughput"][1]["main_cpu_per_echo_s"] == pytest.approx(7e-6)
 
 
+def test_the_schema_takes_the_interpreter_behind_the_unit_or_why_not() -> None:
+    document = report().as_json()
+    behind = {"command": "python3 -I -S -c pass", "unit": "u.socket", "runs": 3, "median_s": 0.07, "p99_s": 0.09}
+    for figure in (behind, {"skipped": "not root"}):
+        validate({**document, "interpreter_start_unit": figure})
+    for broken in ({**behind, "runs": 0}, {"skipped": ""}, {**behind, "skipped": "both"}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate({**document, "interpreter_start_unit": broken})
+
+
 def test_the_schema_catches_a_broken_document() -> None:
     document = report().as_json()
     del document["models"][0]["single"]["connect"]

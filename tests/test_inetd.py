@@ -20,6 +20,8 @@ from support import command, exchange, odd_chunks, random_bytes, roundtrip, wait
 
 from myecho.bench.harness import free_port
 
+REPO = Path(__file__).parent.parent
+
 
 def test_pipe_echoes_every_byte() -> None:
     payload = random_bytes(3 * 1024 * 1024) + b"\x00tail without newline"
@@ -371,3 +373,43 @@ def test_report_says_which_socket_unit_the_systemd_row_went_through() -> None:
     assert "myecho-inetd.socket as installed (Accept=yes, MaxConnections=256, TriggerLimitBurst=2000)" in installed
     local = _inetd_systemd_report({"interpreter_start": start})
     assert "systemd-socket-activate --inetd (Accept=yes, no MaxConnections or trigger limit)" in local
+
+
+def test_report_sets_the_systemd_row_against_the_interpreter_behind_the_same_unit() -> None:
+    """--installed also times the bare interpreter behind a copy of the socket unit: the row's own share."""
+    start = {"command": "/usr/bin/python3 -I -S -c pass", "runs": 10, "median_s": 0.01, "p99_s": 0.012}
+    behind = {
+        "command": "/usr/bin/python3 -I -S -c pass",
+        "unit": "myecho-bench-floor.socket",
+        "runs": 10,
+        "median_s": 0.0075,
+        "p99_s": 0.02,
+    }
+    text = _inetd_systemd_report({"interpreter_start": start, "interpreter_start_unit": behind})
+    said = next(line for line in text.splitlines() if line.startswith("Reference behind the socket unit"))
+    assert "as the service of myecho-bench-floor.socket" in said and "7.5 ms" in said
+    assert said.endswith("; inetd by systemd: exchange 1 = 1.20×")
+    skipped = _inetd_systemd_report({"interpreter_start": start, "interpreter_start_unit": {"skipped": "not root"}})
+    assert "Reference behind the socket unit: not timed (not root)" in skipped
+
+
+def test_floor_units_change_only_the_command_and_the_port() -> None:
+    """The copy keeps every installed setting (drop-ins too: ``systemctl cat`` shows them); it empties
+    ExecStart= and ListenStream= before setting its own, as a drop-in would."""
+    from myecho.bench.startup import floor_units
+
+    socket_text = (REPO / "systemd" / "myecho-inetd.socket").read_text()
+    service_text = (REPO / "systemd" / "myecho-inetd@.service").read_text()
+    socket_unit, service_unit = floor_units(socket_text, service_text, "/usr/bin/python3", 40123)
+    assert socket_unit.startswith(socket_text) and service_unit.startswith(service_text)
+    assert socket_unit[len(socket_text) :].split() == ["[Socket]", "ListenStream=", "ListenStream=127.0.0.1:40123"]
+    added = service_unit[len(service_text) :].splitlines()
+    assert added[-3:] == ["[Service]", "ExecStart=", "ExecStart=/usr/bin/python3 -I -S -c pass"]
+    assert "DynamicUser=yes" in service_unit and "Accept=yes" in socket_unit
+
+
+def test_the_unit_floor_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from myecho.bench import startup
+
+    monkeypatch.setattr(startup.shutil, "which", lambda name: None)
+    assert startup.unit_floor_unavailable() == "systemd is not running"

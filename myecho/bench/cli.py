@@ -9,6 +9,7 @@ import os
 import platform
 import shlex
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -286,6 +287,21 @@ def run_pipeline(settings: Settings, progress: Progress) -> list[dict[str, Any]]
     return runs
 
 
+def time_behind_unit(python: str, runs: int, progress: Progress) -> dict[str, Any]:
+    """The bare interpreter behind a copy of the installed socket unit, or why it was not timed."""
+    why = startup.unit_floor_unavailable()
+    if why is None:
+        progress.prefix = ""
+        command = " ".join(startup.reference_argv(python))
+        progress(f"reference: {command} behind a copy of myecho-inetd.socket, {runs} connections")
+        try:
+            return startup.unit_floor(python, runs)
+        except (OSError, ValueError, subprocess.TimeoutExpired) as error:
+            why = str(error)
+    print(f"myecho-bench: the interpreter behind the socket unit was not timed: {why}", file=sys.stderr)
+    return {"skipped": why}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = build_parser().parse_args(argv)
     if options.check_loadgen:
@@ -329,6 +345,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.prefix = ""
         progress(f"reference: {' '.join(startup.reference_argv(python))}, {settings.trials - len(starts)} starts")
         starts += startup.time_starts(python, settings.trials - len(starts))
+    behind_unit = None
+    if options.installed and any(r.name == "inetd-systemd" and not r.skipped for r in results):
+        behind_unit = time_behind_unit(python, settings.trials, progress)
     pipeline = [] if targets or (only is not None and "pipeline" not in only) else run_pipeline(settings, progress)
     progress.done()
     meta: dict[str, Any] = {
@@ -367,6 +386,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         unit = startup.socket_unit_settings()
         if unit is not None:
             meta["inetd_socket_unit"] = unit
+    if behind_unit is not None:
+        meta["interpreter_start_unit"] = behind_unit
     report = Report(results, meta, with_talk=options.talk, with_ratios=options.ratios)
     sys.stdout.write(report.text())
     sys.stdout.write(

@@ -151,12 +151,31 @@ class Report:
         if unit is not None:
             settings = ", ".join(f"{name}={value}" for name, value in unit.items())
             lines.append(f"inetd by systemd: through myecho-inetd.socket as installed ({settings})")
+        behind = self.meta.get("interpreter_start_unit")
+        if behind is not None:
+            lines.append(self.unit_reference(behind, code="`" if markdown else ""))
         elif any(r.name == "inetd-systemd" for r in self.rows_of()):
             lines.append(
                 "inetd by systemd: systemd-socket-activate --inetd (Accept=yes, no MaxConnections or trigger "
                 "limit); --installed measures myecho-inetd.socket with its own settings"
             )
         return ["", *lines] if lines else []
+
+    def unit_reference(self, behind: dict[str, Any], code: str) -> str:
+        """The bare interpreter behind a copy of the socket unit, and the inetd-systemd row against it."""
+        if "skipped" in behind:
+            return f"Reference behind the socket unit: not timed ({behind['skipped']})"
+        line = (
+            f"Reference behind the socket unit: {code}{behind['command']}{code} as the service of "
+            f"{behind['unit']} (myecho-inetd.socket's units as installed, ExecStart and port changed): "
+            f"{fmt_time(behind['median_s'])} from connection to EOF (p99 {fmt_time(behind['p99_s'])}, "
+            f"{behind['runs']} connections)"
+        )
+        for result in self.rows_of():
+            exchange1 = result.single.exchange1 if result.single else None
+            if result.name == "inetd-systemd" and exchange1 is not None:
+                line += f"; {result.label}: exchange 1 = {exchange1.median / behind['median_s']:.2f}×"
+        return line
 
     # ---- table 2: multiple connections ------------------------------------
     def multi_cell(self, multi: MultiResult | None, field: str) -> str:

@@ -6,15 +6,24 @@ floor is what ``python3 -I -S -c pass`` takes on the same machine at the same
 moment; this module times that (spawn to exit, as the super-server's fork and
 exec would pay), and, with ``--installed``, reads the settings the shipped
 socket unit runs with, so the report says what the inetd row went through.
+
+Through the shipped socket unit, systemd sets up a sandboxed service for
+every connection, and that costs more than any interpreter's start. So
+``--installed`` (as root, under systemd) also times the same interpreter
+behind a copy of the installed units, ExecStart and port alone changed
+(``unit_floor``): what a connection costs there before the model runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +113,88 @@ def socket_unit_settings(unit: str = "myecho-inetd.socket") -> dict[str, str] | 
         return None
     settings = dict(line.partition("=")[::2] for line in shown.stdout.splitlines() if "=" in line)
     return settings or None
+
+
+#: The copy of the installed units that ``unit_floor`` starts for a while, as runtime units.
+FLOOR_UNIT = "myecho-bench-floor"
+RUNTIME_UNITS = Path("/run/systemd/system")
+
+
+def floor_units(socket_text: str, service_text: str, python: str, port: int) -> tuple[str, str]:
+    """The installed socket and service units (as ``systemctl cat`` shows them,
+    drop-ins included), listening on ``port`` and running the bare interpreter
+    instead of the model: every other setting as installed."""
+    socket_unit = socket_text + f"\n[Socket]\nListenStream=\nListenStream=127.0.0.1:{port}\n"
+    service_unit = service_text + f"\n[Service]\nExecStart=\nExecStart={' '.join(reference_argv(python))}\n"
+    return socket_unit, service_unit
+
+
+def _systemctl(*argv: str, check: bool = True) -> str:
+    done = subprocess.run(["systemctl", *argv], capture_output=True, text=True, timeout=60)
+    if check and done.returncode != 0:
+        raise OSError(f"systemctl {' '.join(argv)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout
+
+
+def unit_floor_unavailable() -> str | None:
+    """Why ``unit_floor`` cannot run here, or None."""
+    if shutil.which("systemctl") is None or not Path("/run/systemd/system").is_dir():
+        return "systemd is not running"
+    if os.geteuid() != 0:
+        return "not root (it adds runtime units for a while)"
+    return None
+
+
+@contextlib.contextmanager
+def floor_socket(python: str, port: int) -> Iterator[str]:
+    """The floor's runtime units, started, for the time of the block; then stopped and removed."""
+    shown = _systemctl("cat", "myecho-inetd.socket"), _systemctl("cat", "myecho-inetd@.service")
+    socket_unit, service_unit = floor_units(*shown, python=python, port=port)
+    paths = RUNTIME_UNITS / f"{FLOOR_UNIT}.socket", RUNTIME_UNITS / f"{FLOOR_UNIT}@.service"
+    try:
+        for path, text in zip(paths, (socket_unit, service_unit), strict=True):
+            path.write_text(text)
+        _systemctl("daemon-reload")
+        _systemctl("start", f"{FLOOR_UNIT}.socket")
+        yield f"{FLOOR_UNIT}.socket"
+    finally:
+        _systemctl("stop", f"{FLOOR_UNIT}.socket", check=False)
+        for path in paths:
+            path.unlink(missing_ok=True)
+        _systemctl("daemon-reload", check=False)
+
+
+def time_unit_starts(port: int, runs: int, timeout: float = 10.0) -> list[float]:
+    """Seconds from a connection's establishment to its EOF (or reset) behind the
+    floor's socket: systemd's accept, the unit's set-up, the interpreter's start
+    and exit, ``runs`` times, one after the other."""
+    samples = []
+    for _ in range(runs):
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            start = time.perf_counter()
+            try:
+                while conn.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+            samples.append(time.perf_counter() - start)
+    return samples
+
+
+def unit_floor(python: str, runs: int) -> dict[str, Any]:
+    """The JSON figure: the bare interpreter behind a copy of the installed socket unit."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with floor_socket(python, port) as unit:
+        samples = time_unit_starts(port, runs)
+    summary = Summary.of(samples)
+    if summary is None:
+        raise ValueError("no start-up was timed")
+    return {
+        "command": " ".join(reference_argv(python)),
+        "unit": unit,
+        "runs": summary.n,
+        "median_s": summary.median,
+        "p99_s": summary.p99,
+    }

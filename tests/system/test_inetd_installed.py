@@ -44,7 +44,8 @@ def test_installed_command_takes_the_lean_path(installed: Container) -> None:
 
 def test_bench_measures_both_shipped_inetd_ways_against_the_interpreter(installed: Container) -> None:
     """myecho-bench --installed: xinetd with the shipped file (enabled), myecho-inetd.socket as shipped,
-    and python3 -I -S -c pass timed in the same run; the socket unit's settings are recorded."""
+    and python3 -I -S -c pass timed in the same run, alone and behind a copy of the socket unit; the
+    socket unit's settings are recorded."""
     box = installed
     box.run(r"sed -i 's/^\(\s*disable\s*=\s*\)yes/\1no/' /etc/xinetd.d/myecho")
     box.systemctl("restart", "xinetd")
@@ -87,3 +88,12 @@ def test_bench_measures_both_shipped_inetd_ways_against_the_interpreter(installe
         assert rows[name]["single"]["errors"] == {}, rows[name]["single"]
     said = next(line for line in result.stdout.splitlines() if "myecho-inetd.socket as installed (" in line)
     assert "Accept=yes" in said and f"MaxConnections={unit['MaxConnections']}" in said
+    # The same interpreter behind a copy of the installed units: what systemd's unit costs before the model.
+    behind = document["interpreter_start_unit"]
+    assert behind["unit"] == "myecho-bench-floor.socket" and behind["runs"] == 200, behind
+    assert behind["command"] == start["command"]
+    said = next(line for line in result.stdout.splitlines() if line.startswith("Reference behind the socket unit"))
+    assert re.search(r"; inetd by systemd: exchange 1 = \d+\.\d\d×$", said), said
+    # ... and gone again: no file, no unit left behind.
+    assert box.run("ls /run/systemd/system/ | grep -c myecho-bench-floor", check=False).stdout.strip() == "0"
+    assert "myecho-bench-floor" not in box.run(["systemctl", "list-units", "--all", "--no-legend"]).stdout
