@@ -158,7 +158,9 @@ def floor_socket(python: str, port: int) -> Iterator[str]:
         _systemctl("start", f"{FLOOR_UNIT}.socket")
         yield f"{FLOOR_UNIT}.socket"
     finally:
-        _systemctl("stop", f"{FLOOR_UNIT}.socket", check=False)
+        # The instances' slice (system-myecho\x2dbench\x2dfloor.slice) too: it would stay, empty.
+        slice_unit = "system-" + FLOOR_UNIT.replace("-", "\\x2d") + ".slice"
+        _systemctl("stop", f"{FLOOR_UNIT}.socket", slice_unit, check=False)
         for path in paths:
             path.unlink(missing_ok=True)
         _systemctl("daemon-reload", check=False)
