@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure the packaged units on their ports ("
         + ", ".join(f"{m} {p}" for m, p in INSTALLED_PORTS.items())
-        + ")",
+        + "); as root under systemd it also times python3 -I -S -c pass behind a copy of myecho-inetd.socket's "
+        "units, added under /run/systemd/system for the time it takes",
     )
     parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer trials, ramp to 1000): ~1-2 min")
     parser.add_argument("--talk", action="store_true", help="show the talk's Atom N270 figures beside ours")
