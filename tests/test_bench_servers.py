@@ -77,6 +77,34 @@ def test_pyzmq_floor_echoes_frame_for_frame_and_stops() -> None:
     assert server.proc is not None and server.proc.returncode == 0
 
 
+def test_libzmq_proxy_reflects_each_message_to_its_sender_and_stops() -> None:
+    """The reflector reference: libzmq's proxy, one ROUTER as both ends, sends each
+    multipart message back whole to the client it came from, to each its own;
+    SIGTERM ends it (TERMINATE to the proxy) with 0."""
+    server = Server.start(BY_NAME["zmqproxy"])
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    url = f"tcp://{server.host}:{server.port}"
+    try:
+        clients = []
+        for _ in range(3):
+            client = context.socket(zmq.DEALER)
+            client.connect(url)
+            clients.append(client)
+        for n, client in enumerate(clients):
+            client.send_multipart([b"", bytes([n]) * (n * 40_000 + 1), b"\x00\xff"])
+        for n, client in enumerate(clients):
+            assert client.poll(10_000) and client.recv_multipart() == [b"", bytes([n]) * (n * 40_000 + 1), b"\x00\xff"]
+            assert not client.poll(100)
+        req = context.socket(zmq.REQ)  # the talk's client: REQ, through the envelope
+        req.connect(url)
+        req.send(b"hello")
+        assert req.poll(10_000) and req.recv() == b"hello"
+    finally:
+        context.destroy(linger=0)
+        server.stop()
+    assert server.proc is not None and server.proc.returncode == 0
+
+
 def test_every_model_says_how_it_starts_by_its_fields(tmp_path: Path) -> None:
     """One way to start per model, each giving a command line; no case by name."""
     for model in MODELS:

@@ -61,7 +61,7 @@ class Model:
     serve: tuple[str, ...] = ()
     #: Workers (``myecho serve worker``) behind the ``myecho serve broker`` of ``serve``.
     broker_workers: int = 0
-    #: The bare Python servers (``bench.pyservers``): asyncio, uvloop, pyzmq.
+    #: The bare Python servers (``bench.pyservers``): asyncio, uvloop, pyzmq, zmqproxy.
     pyserver: str = ""
     #: The inetd model under a super-server: "xinetd" or "systemd" (socket activation, Accept=yes).
     inetd: str = ""
@@ -188,6 +188,15 @@ MODELS = (
         "a minimal ROUTER echo on pyzmq's Cython calls, set up as zmq-c: what the zmq model's runtime costs",
         True,
         pyserver="pyzmq",
+    ),
+    Model(
+        "zmqproxy",
+        "libzmq proxy (reflector)",
+        "zmq",
+        "libzmq's zmq_proxy with one ROUTER as both ends, started from pyzmq: the echo without Python (and without"
+        " a per-client byte bound)",
+        True,
+        pyserver="zmqproxy",
     ),
     Model("asyncio", "Python asyncio", "tcp", "asyncio.Protocol echo on the standard loop", True, pyserver="asyncio"),
     Model(
