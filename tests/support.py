@@ -190,6 +190,36 @@ def descendants_of(pid: int) -> list[int]:
     return procs.tree(pid)[1:]
 
 
+def stall_report(pid: int, port: int) -> str:
+    """What a server that stopped answering is doing: its state, where the kernel
+    has it waiting, its descriptors, its listener's queue and its established
+    connections (for a failure message: a stall seen once in CI must say why)."""
+    proc = Path(f"/proc/{pid}")
+
+    def read(name: str) -> str:
+        try:
+            return (proc / name).read_text().strip()
+        except OSError as error:
+            return f"({error.strerror})"
+
+    status = dict(line.split(":\t", 1) for line in read("status").splitlines() if ":\t" in line)
+    try:
+        fds = str(len(list((proc / "fd").iterdir())))
+    except OSError:
+        fds = "?"
+    ss = shutil.which("ss")
+    listen = established = "?"
+    if ss:
+        listen = subprocess.run([ss, "-Hltn", f"sport = :{port}"], capture_output=True, text=True).stdout.strip()
+        lines = subprocess.run([ss, "-Htn", "state", "established", f"sport = :{port}"], capture_output=True, text=True)
+        established = str(len(lines.stdout.splitlines()))
+    stack = " < ".join(line.split()[-1] for line in read("stack").splitlines()[:6])
+    return (
+        f"server {pid}: state {status.get('State', '?')}, threads {status.get('Threads', '?')}, waiting in "
+        f"{read('wchan')} ({stack}), {fds} descriptors; listener {listen!r}; {established} established"
+    )
+
+
 def children_of(pid: int) -> list[int]:
     return procs.children(pid)
 

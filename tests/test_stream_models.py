@@ -20,6 +20,7 @@ from support import (
     refused,
     roundtrip,
     server_argv,
+    stall_report,
     wait_until,
 )
 
@@ -90,7 +91,8 @@ def test_thousand_concurrent_clients(serve: ServeFactory, model: str) -> None:
                     children = len(descendants_of(server.proc.pid))
                     raise AssertionError(
                         f"client {number}: no echo within its socket timeout; the server has {children} "
-                        f"processes below it; its stderr ends: {server.stderr[-1500:]!r}"
+                        f"processes below it; {stall_report(server.proc.pid, server.port)}; "
+                        f"its stderr ends: {server.stderr[-1500:]!r}"
                     ) from None
                 assert data, f"client {number}: EOF after {got!r}"
                 got += data
