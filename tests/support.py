@@ -64,7 +64,14 @@ class Server(ServerProcess):
         return "\n".join(self.stderr_lines)
 
     def wait_ready(self, timeout: float = 10.0, host: str = "", port: int | None = None) -> Server:
+        """Ready; from then on its notify socket is read as it comes, as systemd reads it.
+
+        Unread, the socket holds ten datagrams (net.unix.max_dgram_qlen):
+        a server that says STATUS= every second would then block in sendmsg
+        ten seconds in, and stop serving in the middle of a long test."""
         super().wait_ready(timeout, self.host, self.port)
+        if self.notify is not None:
+            self.notify.follow()
         return self
 
     def connect(self, timeout: float = 10.0) -> socket.socket:

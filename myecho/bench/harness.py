@@ -79,10 +79,13 @@ class NotifySocket:
         A unix datagram socket queues only net.unix.max_dgram_qlen (10)
         messages: a service sending STATUS= every second to a reader that
         stopped reading blocks in sendmsg after ten seconds. Long-lived
-        services need this."""
-        self.following = True
-        self.cursor = len(self.messages)
-        threading.Thread(target=self._read_all, daemon=True).start()
+        services need this. ``receive`` returns the messages from now on
+        (called again: from then on; one reader thread all along)."""
+        with self.arrived:
+            self.cursor = len(self.messages)
+        if not self.following:
+            self.following = True
+            threading.Thread(target=self._read_all, daemon=True).start()
 
     def _read_all(self) -> None:
         self.sock.settimeout(0.2)
