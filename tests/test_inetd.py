@@ -371,6 +371,7 @@ def test_report_says_which_socket_unit_the_systemd_row_went_through() -> None:
     )
     assert "inetd by systemd: exchange 1 = 0.90×" in installed
     assert "myecho-inetd.socket as installed (Accept=yes, MaxConnections=256, TriggerLimitBurst=2000)" in installed
+    assert "systemd-socket-activate" not in installed
     local = _inetd_systemd_report({"interpreter_start": start})
     assert "systemd-socket-activate --inetd (Accept=yes, no MaxConnections or trigger limit)" in local
 
@@ -385,7 +386,12 @@ def test_report_sets_the_systemd_row_against_the_interpreter_behind_the_same_uni
         "median_s": 0.0075,
         "p99_s": 0.02,
     }
-    text = _inetd_systemd_report({"interpreter_start": start, "interpreter_start_unit": behind})
+    unit = {"Accept": "yes", "MaxConnections": "256"}
+    text = _inetd_systemd_report(
+        {"interpreter_start": start, "inetd_socket_unit": unit, "interpreter_start_unit": behind}
+    )
+    assert "myecho-inetd.socket as installed (Accept=yes, MaxConnections=256)" in text
+    assert "systemd-socket-activate" not in text  # it went through the unit, and the report says only that
     said = next(line for line in text.splitlines() if line.startswith("Reference behind the socket unit"))
     assert "as the service of myecho-bench-floor.socket" in said and "7.5 ms" in said
     assert said.endswith("; inetd by systemd: exchange 1 = 1.20×")

@@ -151,14 +151,14 @@ class Report:
         if unit is not None:
             settings = ", ".join(f"{name}={value}" for name, value in unit.items())
             lines.append(f"inetd by systemd: through myecho-inetd.socket as installed ({settings})")
-        behind = self.meta.get("interpreter_start_unit")
-        if behind is not None:
-            lines.append(self.unit_reference(behind, code="`" if markdown else ""))
         elif any(r.name == "inetd-systemd" for r in self.rows_of()):
             lines.append(
                 "inetd by systemd: systemd-socket-activate --inetd (Accept=yes, no MaxConnections or trigger "
                 "limit); --installed measures myecho-inetd.socket with its own settings"
             )
+        behind = self.meta.get("interpreter_start_unit")
+        if behind is not None:
+            lines.append(self.unit_reference(behind, code="`" if markdown else ""))
         return ["", *lines] if lines else []
 
     def unit_reference(self, behind: dict[str, Any], code: str) -> str:
