@@ -347,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"reference: {' '.join(startup.reference_argv(python))}, {settings.trials - len(starts)} starts")
         starts += startup.time_starts(python, settings.trials - len(starts))
     behind_unit = None
-    if options.installed and any(r.name == "inetd-systemd" and not r.skipped for r in results):
+    if options.installed and any(r.name == "inetd-systemd" and r.single is not None for r in results):
         behind_unit = time_behind_unit(python, settings.trials, progress)
     pipeline = [] if targets or (only is not None and "pipeline" not in only) else run_pipeline(settings, progress)
     progress.done()

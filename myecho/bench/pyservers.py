@@ -62,8 +62,10 @@ async def serve(host: str, port: int) -> None:
         await stop.wait()
 
 
-def zmq_router(zmq: Any, host: str, port: int, mandatory: int) -> tuple[Any, Any]:
+def zmq_router(host: str, port: int, mandatory: int) -> tuple[Any, Any]:
     """A context of 2 I/O threads and a ROUTER bound on HOST:PORT, set up as ``zmq-echo``'s."""
+    import zmq
+
     context = zmq.Context(io_threads=2)
     router = context.socket(zmq.ROUTER)
     for option, value in (
@@ -100,7 +102,7 @@ def serve_zmqproxy(host: str, port: int) -> None:
 
     import zmq
 
-    context, router = zmq_router(zmq, host, port, mandatory=0)
+    context, router = zmq_router(host, port, mandatory=0)
     control, theirs = context.socket(zmq.PAIR), context.socket(zmq.PAIR)
     control.bind("inproc://control")
     theirs.connect("inproc://control")
@@ -125,7 +127,7 @@ def serve_pyzmq(host: str, port: int) -> None:
 
     from myecho.core.zmqfront import NOBLOCK, NOBLOCK_SNDMORE, calls
 
-    context, router = zmq_router(zmq, host, port, mandatory=1)
+    context, router = zmq_router(host, port, mandatory=1)
     wake_r, stop = stop_signals()
     fast = calls(router)
     recv, send = fast.recv, fast.send
