@@ -232,3 +232,14 @@ def test_second_sigint_is_still_graceful(serve: ServeFactory, model: str) -> Non
     assert roundtrip(sock, b"x") == b"x"
     sock.close()
     assert server.proc.wait(10) == 0
+
+
+def test_a_server_keeps_serving_past_ten_status_lines(serve: ServeFactory) -> None:
+    """The test harness reads the notify socket as systemd does once the server is ready: a
+    unix datagram socket holds ten messages, and a server saying STATUS= every second to a
+    reader that stopped would block in sendmsg on the eleventh and serve nobody."""
+    server = serve("select")
+    time.sleep(12)  # eleven or more STATUS= lines sent after READY
+    with server.connect(timeout=5) as sock:
+        assert roundtrip(sock, b"still here\n") == b"still here\n"
+    assert server.notify is not None and sum("STATUS" in m for m in server.notify.messages) >= 11
