@@ -419,3 +419,40 @@ def test_the_unit_floor_says_why_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(startup.shutil, "which", lambda name: None)
     assert startup.unit_floor_unavailable() == "systemd is not running"
+
+
+def test_the_unit_floor_leaves_nothing_behind_when_systemd_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A socket unit that will not start (here a systemctl that refuses "start") is an error that
+    names the command, and the runtime units written for it are removed again; a unit that is not
+    installed ("cat" fails) is an error before anything is written."""
+    from myecho.bench import startup
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'case "$1" in\n'
+        '  cat) [ -e "$FAKE_NO_UNIT" ] && { echo "No files found for $2." >&2; exit 1; }; echo "[Unit]" ;;\n'
+        '  start) echo "Job for $2 failed." >&2; exit 1 ;;\n'
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    units = tmp_path / "run"
+    units.mkdir()
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(startup, "RUNTIME_UNITS", units)
+    with pytest.raises(OSError, match=r"systemctl start myecho-bench-floor\.socket: Job for .* failed"):
+        startup.unit_floor("/usr/bin/python3", 3)
+    assert list(units.iterdir()) == []
+    said = calls.read_text().splitlines()
+    assert said[-2] == "stop myecho-bench-floor.socket system-myecho\\x2dbench\\x2dfloor.slice"
+    assert said[-1] == "daemon-reload"
+    monkeypatch.setenv("FAKE_NO_UNIT", str(calls))
+    calls.write_text("")
+    with pytest.raises(OSError, match=r"systemctl cat myecho-inetd\.socket: No files found"):
+        startup.unit_floor("/usr/bin/python3", 3)
+    assert calls.read_text().split() == ["cat", "myecho-inetd.socket"] and list(units.iterdir()) == []
