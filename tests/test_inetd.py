@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -456,3 +457,28 @@ def test_the_unit_floor_leaves_nothing_behind_when_systemd_refuses(
     with pytest.raises(OSError, match=r"systemctl cat myecho-inetd\.socket: No files found"):
         startup.unit_floor("/usr/bin/python3", 3)
     assert calls.read_text().split() == ["cat", "myecho-inetd.socket"] and list(units.iterdir()) == []
+
+
+def test_a_sigterm_while_the_floor_runs_still_removes_its_units(tmp_path: Path) -> None:
+    """SIGTERM at the worst moment (right after systemd started the floor's socket) ends the
+    bench with 143, and its runtime units are stopped and removed first."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text(
+        f'#!/bin/sh\necho "$*" >> {calls}\n'
+        'case "$1" in\n  cat) echo "[Unit]" ;;\n  start) kill -TERM "$PPID"; sleep 0.5 ;;\nesac\n'
+    )
+    fake.chmod(0o755)
+    units = tmp_path / "run"
+    units.mkdir()
+    code = "import sys; from pathlib import Path; from myecho.bench import startup\n"
+    code += "startup.RUNTIME_UNITS = Path(sys.argv[1]); startup.unit_floor('/usr/bin/python3', 3)"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    done = subprocess.run([sys.executable, "-c", code, str(units)], env=env, capture_output=True, timeout=30)
+    assert done.returncode == 143, done.stderr
+    assert list(units.iterdir()) == []
+    assert calls.read_text().splitlines()[-2:] == [
+        "stop myecho-bench-floor.socket system-myecho\\x2dbench\\x2dfloor.slice",
+        "daemon-reload",
+    ]

@@ -20,6 +20,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -145,12 +146,18 @@ def unit_floor_unavailable() -> str | None:
     return None
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 @contextlib.contextmanager
 def floor_socket(python: str, port: int) -> Iterator[str]:
-    """The floor's runtime units, started, for the time of the block; then stopped and removed."""
+    """The floor's runtime units, started, for the time of the block; then stopped and removed,
+    also when SIGTERM comes meanwhile (it then ends the bench as SystemExit, after the cleanup)."""
     shown = _systemctl("cat", "myecho-inetd.socket"), _systemctl("cat", "myecho-inetd@.service")
     socket_unit, service_unit = floor_units(*shown, python=python, port=port)
     paths = RUNTIME_UNITS / f"{FLOOR_UNIT}.socket", RUNTIME_UNITS / f"{FLOOR_UNIT}@.service"
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         for path, text in zip(paths, (socket_unit, service_unit), strict=True):
             path.write_text(text)
@@ -164,6 +171,7 @@ def floor_socket(python: str, port: int) -> Iterator[str]:
         for path in paths:
             path.unlink(missing_ok=True)
         _systemctl("daemon-reload", check=False)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def time_unit_starts(port: int, runs: int, timeout: float = 10.0) -> list[float]:
